@@ -1,0 +1,36 @@
+"""Shared pytest fixtures for hpseg tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("HPSEG_GOLDEN", ROOT.parent / "shared" / "golden"))
+
+# Two cores on CI: keep each test process lean and deterministic.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """Directory of golden files recorded from the authors' code (skips when absent)."""
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden data not found at {GOLDEN_DIR}; set HPSEG_GOLDEN to its folder")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def load_golden(golden_dir: Path):
+    """Load one golden file by name (trusted local data recorded by the project)."""
+
+    def _load(name: str) -> dict:
+        path = golden_dir / name
+        if not path.is_file():
+            pytest.skip(f"golden file {name} not found in {golden_dir}")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    return _load
