@@ -1,0 +1,49 @@
+"""hpseg compare: side-by-side table, protocol differences flagged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpseg.cli import main
+from hpseg.compare import compare_runs, protocol_differences
+from hpseg.errors import HPSegError
+
+
+def _write(folder, miou, crf=False, seeds=False):
+    folder.mkdir(parents=True)
+    protocol = {"dataset": "cocostuff27", "split": "val", "n_images": 5, "eval_resolution": 320, "crf": crf,
+                "n_clusters": 27, "n_classes": 27, "matching": "hungarian"}
+    if seeds:
+        doc = {"protocol": protocol, "aggregate": {"unsupervised": {"accuracy": 50.0, "accuracy_std": 1.0,
+                                                                    "miou": miou, "miou_std": 0.5}}}
+    else:
+        doc = {"protocol": protocol, "metrics": {"unsupervised": {"accuracy": 50.0, "miou": miou},
+                                                 "linear": {"accuracy": 60.0, "miou": 30.0}}}
+    (folder / "results.json").write_text(json.dumps(doc))
+
+
+def test_compare_table_and_files(tmp_path):
+    _write(tmp_path / "a", 20.0)
+    _write(tmp_path / "b", 22.5, seeds=True)
+    text = compare_runs([tmp_path / "a", tmp_path / "b"], out=tmp_path / "cmp")
+    assert "20.00" in text and "22.50±0.50" in text
+    assert "protocols agree" in text
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["a", "b"]
+
+
+def test_protocol_difference_is_flagged(tmp_path, capsys):
+    _write(tmp_path / "a", 20.0, crf=False)
+    _write(tmp_path / "b", 21.0, crf=True)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "protocols differ" in out and "crf" in out
+    assert protocol_differences([{"crf": True}, {"crf": True}]) == {}
+
+
+def test_missing_results_is_a_clear_error(tmp_path):
+    with pytest.raises(HPSegError, match="hpseg evaluate"):
+        compare_runs([tmp_path])
