@@ -1,0 +1,142 @@
+"""Trainable heads on frozen backbone features (hp-method §2, §7).
+
+Attribute names are chosen so that the authors' checkpoints map by renaming prefixes only:
+``cluster1.0.*`` → ``head.linear.*``, ``cluster2.{0,2}.*`` → ``head.nonlinear.{0,2}.*``,
+``ema_model1/2`` → ``ema_head.linear/nonlinear``, the linear probe's ``weight``/``bias`` →
+``linear_probe.*`` and ``clusters`` → ``cluster_probe.clusters``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClusterProbe", "EMAHead", "LinearProbe", "ProjectionHead", "SegmentationHead"]
+
+
+def _nonlinear(in_dim: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
+
+
+class SegmentationHead(nn.Module):
+    """``code = linear(drop(feats)) + nonlinear(drop(feats))``.
+
+    ``linear``: 1×1 conv F→D; ``nonlinear``: 1×1 conv F→F, ReLU, 1×1 conv F→D; ``drop``:
+    Dropout2d(p) in training only, a fresh channel mask for each branch.
+    """
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.dim = dim
+        self.dropout = nn.Dropout2d(p=dropout)
+        self.linear = nn.Conv2d(in_dim, dim, 1)
+        self.nonlinear = _nonlinear(in_dim, dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats (B, F, S, S) -> code (B, D, S, S)``."""
+        return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
+
+
+class EMAHead(nn.Module):
+    """Exponential-moving-average copy of a :class:`SegmentationHead` (never trained by gradients).
+
+    Initialised equal to ``head``. Its forward is deterministic by default (no dropout of its
+    own, in any mode): the trainer applies Dropout2d around it (``drop(ema_head(drop(feats)))``,
+    hp-method §2); ``forward(feats, dropout=p)`` draws a mask per branch instead.
+    """
+
+    def __init__(self, head: SegmentationHead) -> None:
+        super().__init__()
+        self.linear = copy.deepcopy(head.linear)
+        self.nonlinear = copy.deepcopy(head.nonlinear)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, feats: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """``feats (B, F, S, S) -> code_ema (B, D, S, S)``.
+
+        ``dropout > 0`` applies Dropout2d to the input of each branch with its own mask, as the
+        authors' featurizer does for its EMA branches (any mode; default: none).
+        """
+        if dropout > 0:
+            return self.linear(F.dropout2d(feats, dropout, True)) + self.nonlinear(
+                F.dropout2d(feats, dropout, True)
+            )
+        return self.linear(feats) + self.nonlinear(feats)
+
+    @torch.no_grad()
+    def ema_update(self, head: SegmentationHead, momentum: float) -> None:
+        """``θ_ema ← m·θ_ema + (1−m)·θ`` for every parameter of ``head``; buffers are copied."""
+        online = dict(head.named_parameters())
+        for name, p_ema in self.named_parameters():
+            p_ema.copy_(p_ema * momentum + online[name].detach() * (1.0 - momentum))
+        online_buffers = dict(head.named_buffers())
+        for name, b_ema in self.named_buffers():
+            b_ema.copy_(online_buffers[name])
+
+
+class ProjectionHead(nn.Module):
+    """Linear(D, D) per patch followed by L2 normalisation: ``(N, D) -> (N, D)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x), dim=-1)
+
+
+class LinearProbe(nn.Conv2d):
+    """1×1 conv D→C on code: ``(B, D, h, w) -> (B, C, h, w)`` logits (keys ``weight``, ``bias``)."""
+
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__(dim, n_classes, 1)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.out_channels)
+
+
+class ClusterProbe(nn.Module):
+    """Cosine cluster assignment to ``n_clusters`` learnable centroids (STEGO's cluster lookup).
+
+    ``clusters``: ``(K, D)``, standard-normal initialisation.
+    """
+
+    def __init__(self, dim: int, n_clusters: int) -> None:
+        super().__init__()
+        self.clusters = nn.Parameter(torch.randn(n_clusters, dim))
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.clusters.shape[0])
+
+    def cosine(self, code: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each pixel's code to each centroid: ``(B, D, h, w) -> (B, K, h, w)``."""
+        clusters = F.normalize(self.clusters, dim=1)
+        return torch.einsum("bdhw,kd->bkhw", F.normalize(code, dim=1), clusters.to(code.dtype))
+
+    def forward(
+        self, code: torch.Tensor, alpha: float | None = None, log_probs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, probs)`` for ``code (B, D, h, w)``.
+
+        ``probs`` (B, K, h, w): one-hot of the nearest centroid when ``alpha`` is None, else
+        ``softmax(alpha·cos)``; ``loss = −mean(Σ_k probs·cos)``. With ``log_probs`` the second
+        output is ``log_softmax(alpha·cos)`` instead (``alpha`` required).
+        """
+        cos = self.cosine(code)
+        if alpha is None:
+            probs = F.one_hot(cos.argmax(1), cos.shape[1]).permute(0, 3, 1, 2).to(cos.dtype)
+        else:
+            probs = torch.softmax(cos * alpha, dim=1)
+        loss = -(probs * cos).sum(1).mean()
+        if log_probs:
+            if alpha is None:
+                raise ValueError("log_probs=True needs a temperature alpha")
+            return loss, torch.log_softmax(cos * alpha, dim=1)
+        return loss, probs
