@@ -34,3 +34,21 @@ def load_golden(golden_dir: Path):
         return torch.load(path, map_location="cpu", weights_only=False)
 
     return _load
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_file(tmp_path_factory) -> Path:
+    """A tiny ViT in the official DINO release layout (plain state dict): width 64 (1 head),
+    depth 1, patch 8, 4×4 position grid. Random weights, seeded; built once per session."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1, mlp_ratio=2, qkv_bias=True,
+        num_classes=0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+    path = tmp_path_factory.mktemp("weights") / "tiny_dino_vit.pth"
+    torch.save(vit.state_dict(), path)
+    return path

@@ -38,7 +38,7 @@ def tiny_cfg(tmp_path, tiny_backbone_file):
     def make(*extra: str):
         return build_config(
             "synthetic",
-            [*TINY, f"model.backbone=dino_vits8", f"model.weights={tiny_backbone_file}",
+            [*TINY, "model.backbone=dino_vits8", f"model.weights={tiny_backbone_file}",
              f"train.out_dir={tmp_path / 'run'}", *extra],
         )
 

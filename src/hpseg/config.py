@@ -40,6 +40,8 @@ class DataConfig:
     crop_ratio: float = 0.5
     resolution: int = 224  # training crop
     eval_resolution: int = 320  # evaluation: resize shorter side + centre crop
+    interpolation: str = "bilinear"  # image resize; the authors' code uses "nearest" (paper presets)
+    aug_on_normalized: bool = False  # photometric aug after normalisation, as the authors' code
     num_workers: int = 2
     n_classes: int | None = None  # folder datasets: number of classes / clusters wanted
     class_names: list[str] | None = None
@@ -312,6 +314,7 @@ def validate(cfg: Config) -> None:
         (d.resolution >= 8 and d.eval_resolution >= 8, "data.resolution must be at least 8 pixels"),
         (e.matching in ("hungarian", "majority"), "eval.matching must be hungarian or majority"),
         (t.max_iters is None or t.max_iters >= 1, "train.max_iters must be at least 1"),
+        (d.interpolation in ("bilinear", "bicubic", "nearest"), "data.interpolation must be bilinear, bicubic or nearest"),
     ]
     for ok, message in checks:
         if not ok:

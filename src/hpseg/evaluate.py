@@ -98,12 +98,9 @@ def evaluate_model(
     gallery: list[dict[str, np.ndarray]] = []
     n_images = 0
     model.eval()
-    iterator = loader
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
-    for batch in iterator:
+    for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False, disable=not progress):
         images = batch["img"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         out = head_outputs(model, images, tuple(label.shape[-2:]), amp=amp)
@@ -379,7 +376,7 @@ def palette(n: int) -> np.ndarray:
     """A fixed, distinguishable RGB palette ``(n, 3)`` uint8 (tab20 then a seeded tail)."""
     import matplotlib
 
-    base = (np.array(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
+    base = (np.array(matplotlib.colormaps["tab20"](np.arange(20))[:, :3]) * 255).round().astype(np.uint8)
     if n <= len(base):
         return base[:n]
     rng = np.random.default_rng(0)

@@ -50,9 +50,10 @@ def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     if d.dataset == "synthetic":
         return {"n_classes": d.synthetic_classes, "seed": d.synthetic_seed}
+    common = {"interpolation": d.interpolation, "aug_on_normalized": d.aug_on_normalized}
     if d.dataset == "folder":
-        return {"n_classes": d.n_classes, "class_names": d.class_names}
-    return {}
+        return {"n_classes": d.n_classes, "class_names": d.class_names, **common}
+    return common
 
 
 def build_train_set(cfg: Config) -> Dataset:
@@ -74,7 +75,7 @@ def build_val_set(cfg: Config, split: str | None = None) -> Dataset:
     if d.dataset == "synthetic":
         kwargs["n_images"] = d.synthetic_val_images
     ds = build_dataset(d.dataset, d.root, split or d.val_split, mode="eval", resolution=d.eval_resolution, **kwargs)
-    if d.max_val_images is not None and d.max_val_images < len(ds):
+    if d.max_val_images is not None and d.max_val_images < len(ds):  # type: ignore[arg-type]
         sub = Subset(ds, range(d.max_val_images))
         sub.class_names = ds.class_names  # type: ignore[attr-defined]
         sub.n_classes = ds.n_classes  # type: ignore[attr-defined]

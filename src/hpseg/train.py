@@ -107,7 +107,7 @@ class HPObjective(nn.Module):
         # --- heads ------------------------------------------------------------------------
         code = self.head(feats)  # (B,D,S,S), each branch its own dropout
         with torch.no_grad():
-            code_ema = self.drop(self.ema_head(self.drop(feats)))  # (B,D,S,S)
+            code_ema = self.drop(self.ema_head(feats, dropout=self.w.dropout if self.training else 0.0))
         code_lhp = self.drop(local_propagation(attn_logits.float(), code.float(), sigma=self.w.sigma))
         # --- embeddings -------------------------------------------------------------------
         z = self.projection(flatten_patches(code))  # (N,D), L2-normalised
@@ -211,7 +211,7 @@ def collect_pool(
     """A reference pool: one random patch per training image, L2-normalised.
 
     ``which="agnostic"`` samples ``Dropout2d(feats)`` → ``(P, F)``; ``which="specific"`` samples
-    ``Dropout2d(ema_head(Dropout2d(feats)))`` → ``(P, D)``. In distributed runs every rank
+    ``Dropout2d(code_ema)`` → ``(P, D)`` (each EMA branch sees its own input mask). In distributed runs every rank
     contributes ``pool_size / world`` images and the gathered pool is identical on all ranks.
     When the dataset holds fewer than ``pool_size`` images, the pool has one entry per image
     (the authors' code would leave zero rows, which only lowers thresholds to ≥ 0).
@@ -225,9 +225,10 @@ def collect_pool(
                 feats = batch["feats"].to(device, non_blocking=True).float()
             else:
                 feats = model.backbone(batch["img"].to(device, non_blocking=True), with_attention=False).feats
-            x = F.dropout2d(feats, dropout, True)
-            if which == "specific":
-                x = F.dropout2d(model.ema_head(x), dropout, True)
+            if which == "specific":  # Dropout2d(ema_head(·)) with a mask per EMA branch, as the authors
+                x = F.dropout2d(model.ema_head(feats, dropout=dropout), dropout, True)
+            else:
+                x = F.dropout2d(feats, dropout, True)
         flat = x.float().flatten(2)  # (B, C, S²)
         idx = torch.randint(flat.shape[2], (flat.shape[0],), generator=generator, device="cpu").to(device)
         rows.append(flat[torch.arange(flat.shape[0], device=device), :, idx])
@@ -346,7 +347,7 @@ class _JsonlLog:
 
 def fit(
     model: HPModel,
-    train_set: Dataset,
+    train_set: Dataset[Any],
     settings: TrainSettings,
     device: torch.device,
 ) -> dict[str, Any]:
@@ -357,6 +358,7 @@ def fit(
     ``metrics.jsonl`` and ``training_curve.png``. Returns a summary dict.
     """
     s = settings
+    n_train = len(train_set)  # type: ignore[arg-type]
     out = s.out_dir
     out.mkdir(parents=True, exist_ok=True)
     model.to(device)
@@ -365,11 +367,11 @@ def fit(
     if per_rank_batch < 2:
         raise ValueError(f"train.batch_size={s.batch_size} over {world} processes leaves < 2 images per rank")
 
-    sampler = EpochSampler(len(train_set), per_rank_batch, s.seed, rank, world)
+    sampler = EpochSampler(n_train, per_rank_batch, s.seed, rank, world)
     iters_per_epoch = sampler.batches_per_epoch()
     if iters_per_epoch < 1:
         raise ValueError(
-            f"the training set has {len(train_set)} images, fewer than one batch of {s.batch_size}: "
+            f"the training set has {n_train} images, fewer than one batch of {s.batch_size}: "
             "lower train.batch_size"
         )
     max_iters = iters_per_epoch * s.epochs
@@ -385,7 +387,7 @@ def fit(
         persistent_workers=False,
     )
     pool_gen = torch.Generator().manual_seed(s.seed + 7919 * (rank + 1))
-    pool_sampler = EpochSampler(len(train_set), per_rank_batch, s.seed + 1, rank, world)
+    pool_sampler = EpochSampler(n_train, per_rank_batch, s.seed + 1, rank, world)
     pool_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=pool_sampler, num_workers=s.num_workers)
 
     objective = HPObjective(model, s.loss)
@@ -399,8 +401,8 @@ def fit(
     log_file = _JsonlLog(out / "metrics.jsonl")
 
     state: dict[str, Any] = {"iteration": 0, "best_score": -math.inf, "best_iteration": -1, "best_metrics": None}
-    pool_agnostic: torch.Tensor | None = None
-    pool_specific: torch.Tensor | None = None
+    pool_agnostic = torch.empty(0)
+    pool_specific = torch.empty(0)
     last_path = out / "last.pt"
     if last_path.is_file():
         ckpt = torch.load(last_path, map_location=device, weights_only=True)
@@ -417,7 +419,7 @@ def fit(
         log.info("resumed from %s at iteration %d", last_path, state["iteration"])
 
     model.train()
-    if pool_agnostic is None or pool_specific is None:
+    if pool_agnostic.numel() == 0:
         log.info("building reference pools (%d images)", s.pool_size)
         pool_agnostic = collect_pool(
             model, pool_loader, s.pool_size, device, which="agnostic", dropout=s.loss.dropout, amp=s.amp,
@@ -512,12 +514,12 @@ def fit(
                     raise FloatingPointError(f"non-finite loss at iteration {it}: {float(loss)}")
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(loss):.3f}", lam=f"{lam:.2f}")
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lam=f"{lam:.2f}")
                 if it % s.log_freq == 0 or it + 1 == max_iters:
                     record = {
                         "iteration": it,
                         "epoch": epoch,
-                        "loss": float(loss),
+                        "loss": float(loss.detach()),
                         **{k: float(v) for k, v in parts.items()},
                         "lambda": lam,
                         "grad_norm": float(grad_norm),
@@ -569,7 +571,8 @@ def plot_training_curve(jsonl: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_rows, val_rows = [], []
+    train_rows: list[dict[str, Any]] = []
+    val_rows: list[dict[str, Any]] = []
     for line in jsonl.read_text().splitlines():
         row = json.loads(line)
         (val_rows if "val" in row else train_rows).append(row)
