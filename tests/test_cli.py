@@ -1,0 +1,80 @@
+"""CLI: commands run end to end on fixture data; user errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from fixtures_layouts import make_cocostuff_tree, make_folder_tree
+
+from hpseg.cli import main
+
+
+def _err(capsys) -> str:
+    """The error lines of stderr (INFO logs go there too)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return "\n".join(line for line in err.splitlines() if not line[:2].isdigit())
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--preset", "cocostuff27", "data.root=/data", "train.batch_size=8"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["batch_size"] == 8 and cfg["loss"]["tau"] == 0.8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "cocostuff27", "train.batchsize=2", "data.root=/x"], "did you mean train.batch_size"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "--preset", "cocostuff27"], "data.root is not set"),
+        (["train", "--preset", "cocostuff27", "data.root=/does/not/exist"], "/does/not/exist"),
+        (["evaluate", "/does/not/exist.pt"], "does not exist"),
+        (["train", "--preset", "synthetic", "oops"], "key=value"),
+    ],
+)
+def test_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_wrong_layout_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "cocostuff").mkdir()
+    assert main(["train", "--preset", "cocostuff27", f"data.root={tmp_path}", "data.five_crop=false"]) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_prepare_writes_five_crop_layout(tmp_path, capsys):
+    tree = make_cocostuff_tree(tmp_path)
+    assert main(["prepare", "--preset", "cocostuff27", f"data.root={tree.root}", "train.progress=false"]) == 0
+    out = tmp_path / "cropped" / "cocostuff27_five_crop_0.5"
+    n_train = len(tree.splits["train"])
+    assert len(list((out / "img" / "train").glob("*.jpg"))) == 5 * n_train
+    assert len(list((out / "label" / "train").glob("*.png"))) == 5 * n_train
+    assert "five-crop train set ready" in capsys.readouterr().out
+
+
+def test_folder_training_with_and_without_labels(tmp_path, tiny_backbone_file, capsys):
+    for with_labels in (True, False):
+        root = tmp_path / f"imgs_{with_labels}"
+        make_folder_tree(root, with_labels=with_labels)
+        run = tmp_path / f"run_{with_labels}"
+        argv = ["train", "data.dataset=folder", f"data.root={root}", "data.n_classes=3", "data.resolution=32",
+                "data.eval_resolution=32", "data.num_workers=0", f"model.weights={tiny_backbone_file}", "model.dim=8",
+                "train.batch_size=2", "train.epochs=1", "train.progress=false", "loss.pool_size=3",
+                f"train.out_dir={run}"]
+        assert main(argv) == 0, _err(capsys)
+        assert (run / "best.pt").is_file()
+        assert main(["evaluate", str(run), "--baseline"]) == 0
+        out = capsys.readouterr().out
+        assert "k-means baseline" in out and "protocol:" in out
+        doc = json.loads((run / "eval" / "results.json").read_text())
+        assert doc["protocol"]["n_classes"] == 3
+        if not with_labels:  # nothing to score against: no pixel is counted
+            assert doc["metrics"]["linear"]["accuracy"] != doc["metrics"]["linear"]["accuracy"] or \
+                doc["metrics"]["linear"]["accuracy"] == 0.0
