@@ -58,6 +58,7 @@ class ModelConfig:
 
     backbone: str = "dino_vits8"
     weights: str | None = None  # local weights file; None = official download / cache
+    pretrained: bool = True  # false: random backbone weights (tests, ablations)
     dim: int = 512  # head width D
     n_clusters: int | None = None  # K; None = number of classes (K > C: over-clustering)
     dropout: float = 0.1

@@ -36,6 +36,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 when not launched by it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index becomes ``cuda:<LOCAL_RANK>`` under torchrun (one GPU per process).
+
+    Other devices, and CUDA devices with an explicit index, are returned unchanged.
+    """
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
+    return device
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group described by torchrun's environment, if any.
 

@@ -85,7 +85,8 @@ def build_val_set(cfg: Config, split: str | None = None) -> Dataset:
 
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
     """A fresh HP model: the configured frozen backbone and newly initialised heads."""
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, img_size=cfg.data.resolution)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
+                              img_size=cfg.data.resolution)
     return HPModel.create(
         backbone,
         dim=cfg.model.dim,
@@ -166,7 +167,7 @@ def _check_resume_config(out_dir: Path, cfg: Config) -> None:
 
 def train_one(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``) and evaluate the best model."""
-    device = resolve_device(cfg.train.device)
+    device = dist.local_device(resolve_device(cfg.train.device))
     dist.init_from_env(device)
     seed_everything(cfg.train.seed + dist.rank())
     _check_resume_config(out_dir, cfg)
@@ -390,7 +391,8 @@ def run_baseline(preset: str | None, overrides: list[str]) -> EvaluationReport:
     """``hpseg baseline``: k-means on the configured backbone's features, with the HP protocol."""
     cfg = build_config(preset, overrides)
     device = resolve_device(cfg.train.device)
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, img_size=cfg.data.resolution).to(device)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
+                              img_size=cfg.data.resolution).to(device)
     val_set = build_val_set(cfg)
     n_classes, class_names = _class_info(val_set)
     k = cfg.model.n_clusters or n_classes

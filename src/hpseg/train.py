@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpseg import distributed as dist
+from hpseg.errors import HPSegError
 from hpseg.hidden_positives import (
     consistency_loss,
     hidden_positive_loss,
@@ -366,6 +367,13 @@ def fit(
     per_rank_batch = s.batch_size // world
     if per_rank_batch < 2:
         raise ValueError(f"train.batch_size={s.batch_size} over {world} processes leaves < 2 images per rank")
+    if s.batch_size % world:
+        raise HPSegError(
+            f"train.batch_size={s.batch_size} is not divisible by the {world} processes: "
+            f"use a multiple of {world} (each process takes batch_size / processes images)"
+        )
+    run_info = {"world_size": world, "per_rank_batch": per_rank_batch, "global_batch": per_rank_batch * world}
+    log.info("batch %d = %d images per process × %d processes", s.batch_size, per_rank_batch, world)
 
     sampler = EpochSampler(n_train, per_rank_batch, s.seed, rank, world)
     iters_per_epoch = sampler.batches_per_epoch()
@@ -394,8 +402,8 @@ def fit(
     step_module: nn.Module = objective
     if dist.is_distributed():
         step_module = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )  # the objective's modules hold no buffers: the default buffer syncing is a no-op
     optimizers = _optimizers(model, s)
     scaler = grad_scaler(device, s.amp)
     log_file = _JsonlLog(out / "metrics.jsonl")
@@ -546,9 +554,10 @@ def fit(
             save_checkpoint(out / "best.pt", model, config=s.config, extra={"iteration": state["iteration"]})
         save_checkpoint(out / "final.pt", model, config=s.config, extra={"iteration": state["iteration"]})
         plot_training_curve(out / "metrics.jsonl", out / "training_curve.png")
-        atomic_write_text(out / "train_summary.json", json.dumps(_summary(state, max_iters, t0), indent=2))
+        summary = {**_summary(state, max_iters, t0), **run_info}
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     dist.barrier()
-    return _summary(state, max_iters, t0)
+    return {**_summary(state, max_iters, t0), **run_info}
 
 
 def _summary(state: dict[str, Any], max_iters: int, t0: float) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Run level: seeds into RUN/seed-<n>/ with mean ± std, the protocol block, DINOv2 end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hpseg.config import build_config
+from hpseg.model import load_model
+from hpseg.pipeline import evaluate_path, run_training
+
+TINY = [
+    "data.synthetic_train_images=8",
+    "data.synthetic_val_images=4",
+    "data.synthetic_classes=3",
+    "data.num_workers=0",
+    "model.dim=8",
+    "train.batch_size=4",
+    "train.epochs=1",
+    "train.progress=false",
+    "loss.pool_size=8",
+    "loss.warmup=0",
+    "eval.batch_size=4",
+    "eval.n_gallery=1",
+]
+
+
+def test_seeds_run_and_aggregate(tmp_path, tiny_backbone_file, capsys):
+    cfg = build_config("synthetic", [*TINY, "data.resolution=32", "data.eval_resolution=32",
+                                     f"model.weights={tiny_backbone_file}", "model.backbone=dino_vits8",
+                                     "seeds=[0,1]", f"train.out_dir={tmp_path / 'run'}"])
+    folders = run_training(cfg)
+    assert [f.name for f in folders] == ["seed-0", "seed-1"]
+    for f in folders:
+        saved = (f / "config.yaml").read_text()
+        assert f"seed: {f.name[-1]}" in saved  # each seed's folder records its own seed
+    w0 = torch.load(folders[0] / "best.pt", weights_only=True)["state_dict"]
+    w1 = torch.load(folders[1] / "best.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("head."))  # seeds differ
+
+    report = evaluate_path(tmp_path / "run")
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(doc["seeds"]) == {"seed-0", "seed-1"}
+    agg = doc["aggregate"]["unsupervised"]
+    vals = [doc["seeds"][s]["unsupervised"]["miou"] for s in ("seed-0", "seed-1")]
+    assert agg["miou"] == pytest.approx(sum(vals) / 2)
+    assert agg["miou_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
+    assert "[seed-0]" in report.text and "[mean ± std]" in report.text and "±" in report.text
+    protocol = doc["protocol"]
+    assert protocol["dataset"] == "synthetic" and protocol["n_classes"] == 3 and protocol["n_clusters"] == 3
+    assert set(protocol["checkpoints"]) == {"seed-0", "seed-1"}
+    assert "protocol: synthetic" in report.text
+
+
+def test_overclustering_reports_assignment(tmp_path, tiny_backbone_file):
+    cfg = build_config("synthetic", [*TINY, "data.resolution=32", "data.eval_resolution=32",
+                                     f"model.weights={tiny_backbone_file}", "model.n_clusters=6",
+                                     "train.max_iters=1", f"train.out_dir={tmp_path / 'run'}"])
+    run_training(cfg)
+    model = load_model(tmp_path / "run" / "best.pt")
+    assert model.cluster_probe.clusters.shape[0] == 6
+    for matching in ("hungarian", "majority"):
+        rep = evaluate_path(tmp_path / "run" / "best.pt", [f"eval.matching={matching}"], out_dir=tmp_path / matching)
+        m = rep.document["metrics"]["unsupervised"]
+        assert len(m["assignment"]) == 6
+        if matching == "hungarian":  # one-to-one: 3 clusters stay unmatched
+            assert sorted(m["assignment"]).count(-1) == 3
+        assert rep.document["protocol"]["n_clusters"] == 6 and matching in rep.document["protocol"]["matching"]
+
+
+def test_dinov2_with_registers_end_to_end(tmp_path):
+    """A random-weight patch-14 timm ViT with 4 register tokens: train → evaluate → predict."""
+    cfg = build_config("synthetic", [*TINY, "data.resolution=56", "data.eval_resolution=56",
+                                     "model.backbone=vit_small_patch14_reg4_dinov2", "model.pretrained=false",
+                                     "train.max_iters=2", "loss.chunk_images=2", f"train.out_dir={tmp_path / 'run'}"])
+    run_training(cfg)
+    model = load_model(tmp_path / "run" / "best.pt")
+    assert model.backbone.patch_size == 14 and model.backbone.num_registers == 4
+    images = torch.randn(2, 3, 56, 56)
+    enc = model.encode(images)
+    assert enc["feats"].shape == (2, 384, 4, 4)  # grid follows the patch size; registers excluded
+    assert enc["attn_logits"].shape == (2, 6, 17, 17)  # CLS + 16 patches, no registers
+    pred = model.predict(images, size=(56, 56))
+    assert pred["linear"].shape == (2, 3, 56, 56) and pred["cluster"].shape == (2, 3, 56, 56)
+    rep = evaluate_path(tmp_path / "run" / "best.pt", out_dir=tmp_path / "eval")
+    assert rep.document["protocol"]["backbone"] == "vit_small_patch14_reg4_dinov2"
