@@ -181,7 +181,9 @@ def train_one(cfg: Config, out_dir: Path) -> dict[str, Any]:
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
 
-        train_set = CachedFeatures.wrap(train_set, model.backbone, out_dir / "feature_cache", device)
+        train_set = CachedFeatures.wrap(
+            train_set, model.backbone, out_dir / "feature_cache", device, num_workers=cfg.data.num_workers
+        )
     loader = eval_loader(val_set, cfg)
 
     def validate(m: HPModel) -> dict[str, Any]:

@@ -495,6 +495,7 @@ def fit(
                     break
                 lam = lambda_schedule(it, s.warmup, max_iters)
                 if it % s.renew_interval == 0 and it != 0:
+                    pool_sampler.set_epoch(it // s.renew_interval)  # fresh images each renewal
                     pool_specific = collect_pool(
                         model, pool_loader, s.pool_size, device, which="specific", dropout=s.loss.dropout,
                         amp=s.amp, generator=pool_gen,

@@ -1,0 +1,533 @@
+"""Benchmark: one full HP training step (frozen backbone + heads + loss + optimiser step),
+``hpseg`` against a straightforward implementation of the same step.
+
+Usage::
+
+    python benchmarks/bench_train_step.py                       # CPU-sized problem on the CPU
+    python benchmarks/bench_train_step.py --scale paper --device cuda --repeats 20 --json out.json
+
+Scales (ViT-S/8 architecture with random weights: nothing is downloaded):
+
+* ``cpu``   — 96 px images (S=12, N=1,152 patches), batch 8, D=512, P=2048;
+* ``paper`` — 224 px (S=28, N=50,176), batch 64, D=512, P=2048: the authors' COCO-Stuff step.
+
+What one step is, for every implementation (hp-method §7, ``hpseg.train.fit``): backbone
+forward of the clean view (features + last-block attention logits) and of the photometric
+view (features), segmentation head, EMA head, local propagation, projection head, the hidden-
+positive loss, the consistency loss, both probes, the EMA update, ``zero_grad``, backward,
+gradient clipping (head) and the four optimiser steps. Inputs are random tensors already on
+the device (data loading is not timed); λ=0.5 (after warm-up), τ=0.8, ρ=0.02, α=0.05, σ=28.
+
+Implementations:
+
+* ``hpseg``       — :class:`hpseg.train.HPObjective` after :func:`hpseg.train.backbone_outputs`,
+  exactly as the training loop calls them;
+* ``hpseg-cached``— the same, with the clean view's backbone outputs read from a feature cache
+  (``train.cache_features=true``): their backbone forward is skipped; the augmented view still
+  runs it. Reading the memory-mapped cache from disk is *not* timed (tensors already in memory);
+* ``reference``   — the same step written plainly, with the per-image loss and per-image
+  local propagation of ``benchmarks/reference_loss.py`` (the authors' structure).
+
+Mixed precision: ``hpseg.runtime.autocast`` (bfloat16 where supported, else float16, on CUDA;
+float32 on CPU) around the step for all three; inside, ``hpseg`` uses float16 similarity
+products on CUDA and the reference its float16 autocast, as the authors' code. Timings are
+wall-clock seconds per step after warm-up steps, with device synchronisation; the backbone
+part and the rest (heads, losses, backward, optimiser) are also timed separately. All
+implementations are timed in one process, their steps interleaved in rotating order, so that
+load from other processes on a shared machine affects each of them alike. Peak memory is
+measured for each implementation alone, in its own child process, over one step after a warm-up
+step: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the resident set size sampled every
+0.5 ms by a thread during the step, minus the RSS before it, with glibc's malloc told to unmap
+freed blocks of 128 KiB or more (so that RSS follows live memory). Before timing, each implementation
+evaluates the step's loss without dropout at ρ=1 (no randomness) on the same seeded inputs;
+the driver reports how far the implementations' values are apart. An implementation that fails
+(e.g. CUDA out of memory: the reference keeps every image's ``(S², N)`` blocks for backward) is
+reported as such and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": {"backbone": "dino_vits8", "resolution": 96, "batch": 8, "D": 512, "P": 2048, "classes": 27},
+    "paper": {"backbone": "dino_vits8", "resolution": 224, "batch": 64, "D": 512, "P": 2048, "classes": 27},
+}
+IMPLS = ("hpseg", "hpseg-cached", "reference")
+HP = {"tau": 0.8, "rho": 0.02, "alpha": 0.05, "sigma": 28.0, "lam": 0.5, "ema_m": 0.99, "dropout": 0.1}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _rss_mb() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------
+# worker: one implementation in a fresh process
+# ------------------------------------------------------------------------------------------
+
+
+class _Impl:
+    """One implementation of the training step, with its own heads and optimisers."""
+
+    def __init__(self, name: str, step: Any, check: Any) -> None:
+        self.name, self.step, self.check = name, step, check
+
+
+def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], dict[str, _Impl]]:
+    """Shared inputs (seeded) and one :class:`_Impl` per name; all heads start identical."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from reference_loss import reference_hidden_positive_loss, reference_local_propagation
+
+    from hpseg.backbones import build_backbone
+    from hpseg.hidden_positives import consistency_loss
+    from hpseg.model import HPModel
+    from hpseg.runtime import autocast, grad_scaler
+    from hpseg.train import HPObjective, LossWeights, backbone_outputs, flatten_patches, probe_cross_entropy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = SCALES[args.scale]
+    b, res, d, p, c = cfg["batch"], cfg["resolution"], cfg["D"], cfg["P"], cfg["classes"]
+    amp = not args.no_amp
+
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg["backbone"], pretrained=False, img_size=res).to(device)  # frozen: shared
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, res, res, generator=gen).to(device)
+    images_aug = (images + 0.3 * torch.randn(b, 3, res, res, generator=gen).to(device)).contiguous()
+    labels = torch.randint(0, c, (b, res, res), generator=gen).to(device)
+    batch = {"img": images, "img_aug": images_aug}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def new_model() -> Any:
+        torch.manual_seed(2)  # identical heads for every implementation
+        return HPModel.create(backbone, dim=d, n_classes=c, n_clusters=c, dropout=HP["dropout"]).to(device)
+
+    # reference pools: P random patches of this batch's features / EMA codes (thresholds of the
+    # same distribution as the anchors)
+    with torch.no_grad():
+        out = backbone(images)
+        clean_feats, clean_attn = out.feats, out.attn_logits
+        flat_f = flatten_patches(clean_feats).float()
+        flat_s = flatten_patches(new_model().ema_head(clean_feats)).float()
+        rows = torch.randint(flat_f.shape[0], (p,), generator=gen).to(device)
+        pool_ag = F.normalize(flat_f[rows], dim=1)
+        pool_sp = F.normalize(flat_s[rows], dim=1)
+        cached = {
+            "feats": clean_feats.half(),
+            "attn_logits": clean_attn.half(),
+        }  # as CachedFeatures stores them
+    del out, flat_f, flat_s, clean_feats, clean_attn
+    weights = LossWeights(
+        tau=HP["tau"], rho=HP["rho"], alpha=HP["alpha"], sigma=HP["sigma"], dropout=HP["dropout"]
+    )
+
+    def make(name: str) -> _Impl:
+        model = new_model()
+        optimizers = {
+            "head": torch.optim.AdamW(model.head.parameters(), lr=5e-4, weight_decay=0.1),
+            "projection": torch.optim.Adam(model.projection.parameters(), lr=5e-4),
+            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=1e-3),
+            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=5e-3),
+        }
+        scaler = grad_scaler(device, amp)
+        objective = HPObjective(model, weights)
+
+        def hpseg_backbone() -> tuple[torch.Tensor, ...]:
+            source = {**batch, **cached} if name == "hpseg-cached" else batch
+            return backbone_outputs(model, source, device, amp=amp, need_aug=True)
+
+        def hpseg_objective(feats: Any, attn: Any, feats_aug: Any, rho: float, training: bool) -> Any:
+            objective.train(training)
+            objective.w = dataclasses.replace(weights, rho=rho)
+            with autocast(device, amp):
+                loss, _ = objective(feats, attn, feats_aug, labels, pool_ag, pool_sp, HP["lam"])
+            return loss
+
+        def reference_backbone() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad(), autocast(device, amp):
+                out = backbone(images)
+                feats_aug = backbone(images_aug, with_attention=False).feats
+            return out.feats.float(), out.attn_logits.float(), feats_aug.float()
+
+        def reference_objective(feats: Any, attn: Any, feats_aug: Any, rho: float, training: bool) -> Any:
+            pdrop = HP["dropout"]
+
+            def drop(x: torch.Tensor) -> torch.Tensor:
+                return F.dropout2d(x, pdrop, training)
+
+            model.head.train(training)
+            with autocast(device, amp):
+                code = model.head(feats)
+                with torch.no_grad():
+                    code_ema = drop(model.ema_head(feats, dropout=pdrop if training else 0.0))
+                code_lhp = drop(reference_local_propagation(attn.float(), code.float(), sigma=HP["sigma"]))
+                z = model.projection(flatten_patches(code))
+                z_lhp = model.projection(flatten_patches(code_lhp))
+                f = F.normalize(flatten_patches(drop(feats)).float(), dim=1)
+                s = F.normalize(flatten_patches(code_ema).float(), dim=1)
+                loss_hp = reference_hidden_positive_loss(
+                    z.float(), z_lhp.float(), f, s, pool_ag, pool_sp,
+                    num_images=b, tau=HP["tau"], lam=HP["lam"], rho=rho,
+                )  # fmt: skip
+                z_aug = model.projection(flatten_patches(model.head(feats_aug)))
+                loss_cons = consistency_loss(z.float(), z_aug.float())
+                detached = code.detach()
+                loss_linear = probe_cross_entropy(model.linear_probe(detached), labels)
+                loss_cluster, _ = model.cluster_probe(detached, None)
+            return loss_hp + HP["alpha"] * loss_cons + loss_linear + loss_cluster
+
+        run_backbone = reference_backbone if name == "reference" else hpseg_backbone
+        run_objective = reference_objective if name == "reference" else hpseg_objective
+
+        def optimise(loss: torch.Tensor) -> None:
+            model.ema_head.ema_update(model.head, HP["ema_m"])
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizers["head"])
+            torch.nn.utils.clip_grad_norm_(model.head.parameters(), 10.0)
+            for opt in optimizers.values():
+                scaler.step(opt)
+            scaler.update()
+
+        def step() -> tuple[float, float, float]:
+            """One training step: (total, backbone part, rest) wall-clock seconds."""
+            sync()
+            t0 = time.perf_counter()
+            feats, attn, feats_aug = run_backbone()
+            sync()
+            t1 = time.perf_counter()
+            loss = run_objective(feats, attn, feats_aug, HP["rho"], True)
+            optimise(loss)
+            sync()
+            t2 = time.perf_counter()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            return t2 - t0, t1 - t0, t2 - t1
+
+        def check() -> float:
+            """The step's loss without dropout at rho=1 (deterministic), no update."""
+            with torch.no_grad():
+                feats, attn, feats_aug = run_backbone()
+                return float(run_objective(feats, attn, feats_aug, 1.0, False))
+
+        return _Impl(name, step, check)
+
+    return {"batch": b, "device": device, "sync": sync}, {name: make(name) for name in impls}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _time_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """All implementations in one process, steps interleaved (A B C, B C A, …), so that load from
+    other processes on a shared machine affects each of them alike."""
+    import torch
+
+    impls = args.impls.split(",")
+    ctx, built = _setup(args, impls)
+    results: dict[str, dict[str, Any]] = {name: {"impl": name} for name in impls}
+    live = list(impls)
+
+    def run(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except (RuntimeError, FloatingPointError, MemoryError) as exc:  # CUDA OOM included
+            results[name]["error"] = _error(exc)
+            live.remove(name)
+            if ctx["device"].type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    for name in list(live):  # value check first, before any parameter update
+        value = run(name, built[name].check)
+        if value is not None:
+            results[name]["check_loss"] = value
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in impls}
+    for r in range(args.warmup + args.repeats):
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
+        for name in order:
+            t = run(name, built[name].step)
+            if t is not None and r >= args.warmup:
+                times[name].append(t)
+    for name in live:
+        tt = times[name]
+        total = [t[0] for t in tt]
+        res = results[name]
+        res.update(
+            times_s=total,
+            backbone_s=[t[1] for t in tt],
+            rest_s=[t[2] for t in tt],
+            median_s=statistics.median(total),
+            mean_s=statistics.fmean(total),
+            min_s=min(total),
+            median_backbone_s=statistics.median(t[1] for t in tt),
+            median_rest_s=statistics.median(t[2] for t in tt),
+        )
+        res["images_per_s"] = ctx["batch"] / res["median_s"]
+    return {"results": results}
+
+
+class _RSSSampler:
+    """Samples this process's resident set size every ``period`` seconds in a thread (torch
+    kernels release the GIL); ``peak_mb`` is the largest value seen."""
+
+    def __init__(self, period: float = 0.0005) -> None:
+        import threading
+
+        self.period, self.peak_mb = period, _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+            time.sleep(self.period)
+
+    def __enter__(self) -> _RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())
+
+
+def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one implementation alone: 1 warm-up step, then 1 measured step."""
+    import torch
+
+    ctx, built = _setup(args, [args.impls])
+    impl = built[args.impls]
+    out: dict[str, Any] = {"impl": args.impls}
+    try:
+        impl.check()
+        impl.step()
+        ctx["sync"]()
+        if ctx["device"].type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx["device"])
+            base = torch.cuda.memory_allocated(ctx["device"])
+            impl.step()
+            ctx["sync"]()
+            out["peak_mem_mb"] = torch.cuda.max_memory_allocated(ctx["device"]) / 2**20
+            out["step_mem_mb"] = out["peak_mem_mb"] - base / 2**20
+        else:
+            rss_before = _rss_mb()
+            with _RSSSampler() as sampler:
+                impl.step()
+            out["peak_rss_mb"] = sampler.peak_mb
+            out["rss_before_step_mb"] = rss_before
+            out["step_mem_mb"] = max(0.0, sampler.peak_mb - rss_before)
+    except (RuntimeError, FloatingPointError, MemoryError) as exc:
+        out["error"] = _error(exc)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+
+
+def _run_child(args: argparse.Namespace, worker: str, impls: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--impls", impls]
+    cmd += ["--scale", args.scale, "--device", args.device]
+    cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.no_amp:
+        cmd.append("--no-amp")
+    env = dict(os.environ)
+    if worker == "memory":
+        # glibc: serve allocations >= 128 KiB by mmap and unmap them when freed, so that the
+        # resident size follows live memory instead of the allocator's caching
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"{worker} worker exited with {proc.returncode}: {' | '.join(tail)}"}
+    return dict(json.loads(lines[-1]))
+
+
+def _machine(device: str, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = "cpu"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        worker = _time_worker if args.worker == "time" else _memory_worker
+        print(json.dumps(worker(args)))
+        return 0
+
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        parser.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS)}")
+    cfg = SCALES[args.scale]
+    s = cfg["resolution"] // 8
+    settings = {
+        **cfg,
+        "S": s,
+        "N": cfg["batch"] * s * s,
+        "scale": args.scale,
+        "device": args.device,
+        **HP,
+        "chunk_images": 8,
+        "amp": (not args.no_amp) and args.device == "cuda",
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "weights": "random (architecture only)",
+        "timed": "one training step (backbone fwd x2 + heads + losses + backward + 4 optimiser steps), wall clock",
+        "timing": "all implementations in one process, steps interleaved in rotating order",
+        "peak_mem_method": (
+            "one implementation alone in a child process, after 1 warm-up step: "
+            + (
+                "torch.cuda.max_memory_allocated during 1 step (peak_mem_mb: absolute, model and inputs "
+                "included; step_mem_mb: above the memory allocated before the step)"
+                if args.device == "cuda"
+                else "resident set size sampled every 0.5 ms during 1 step (peak_rss_mb: whole process; "
+                "step_mem_mb: growth over the RSS before the step), glibc malloc set to unmap freed blocks "
+                ">= 128 KiB so that RSS follows live memory (plus allocator overhead)"
+            )
+        ),
+    }
+    timed = _run_child(args, "time", ",".join(impls))
+    results: dict[str, dict[str, Any]] = {}
+    for impl in impls:
+        results[impl] = dict(timed.get("results", {}).get(impl, {"impl": impl, "error": timed.get("error")}))
+        if "error" in results[impl]:
+            continue
+        memory = _run_child(args, "memory", impl)
+        for key in ("peak_mem_mb", "step_mem_mb", "peak_rss_mb", "rss_before_step_mb"):
+            if key in memory:
+                results[impl][key] = memory[key]
+        if "error" in memory:
+            results[impl]["memory_error"] = memory["error"]
+    report: dict[str, Any] = {
+        "machine": _machine(args.device, args.threads),
+        "settings": settings,
+        "results": results,
+    }
+    ref = results.get("reference", {})
+    for impl in ("hpseg", "hpseg-cached"):
+        ours = results.get(impl, {})
+        if "median_s" in ours and "median_s" in ref:
+            report[f"speedup_{impl}_vs_reference_median"] = ref["median_s"] / ours["median_s"]
+            report[f"speedup_{impl}_vs_reference_rest_median"] = ref["median_rest_s"] / ours["median_rest_s"]
+        if "check_loss" in ours and "check_loss" in ref:
+            report[f"check_loss_rel_diff_{impl}"] = abs(ours["check_loss"] - ref["check_loss"]) / abs(
+                ref["check_loss"]
+            )
+
+    m, st = report["machine"], settings
+    print(
+        f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
+        f"device {m['device_name']}, torch {m['torch']}, {m['platform']}, load average {m['load_average_1m_at_end']}"
+    )
+    print(
+        f"step: scale={st['scale']} {st['backbone']} (random weights) {st['resolution']}px S={st['S']} "
+        f"batch={st['batch']} N={st['N']} D={st['D']} P={st['P']} C={st['classes']} tau={st['tau']} "
+        f"rho={st['rho']} alpha={st['alpha']} lam={st['lam']} amp={st['amp']} "
+        f"repeats={st['repeats']} warmup={st['warmup']}"
+    )
+    for name, r in results.items():
+        if "error" in r:
+            print(f"  {name:13s} ERROR {r['error']}")
+            continue
+        print(
+            f"  {name:13s} {r['images_per_s']:8.2f} img/s  step median {r['median_s'] * 1e3:9.1f} ms "
+            f"(backbone {r['median_backbone_s'] * 1e3:8.1f} + rest {r['median_rest_s'] * 1e3:8.1f})  "
+            f"min {r['min_s'] * 1e3:9.1f} ms  step mem {r.get('step_mem_mb', float('nan')):8.1f} MiB  "
+            f"check loss {r['check_loss']:.5f}"
+        )
+    for impl in ("hpseg", "hpseg-cached"):
+        key = f"speedup_{impl}_vs_reference_median"
+        if key in report:
+            print(
+                f"  speed-up {impl} vs reference: step {report[key]:.2f}x, "
+                f"non-backbone part {report[f'speedup_{impl}_vs_reference_rest_median']:.2f}x; "
+                f"check-loss rel. diff {report[f'check_loss_rel_diff_{impl}']:.1e}"
+            )
+    print(f"  peak memory: {settings['peak_mem_method']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
