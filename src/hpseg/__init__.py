@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hpseg.model import HPModel as HPModel
     from hpseg.model import load_model as load_model
     from hpseg.model import save_checkpoint as save_checkpoint
+    from hpseg.predict import Segmenter as Segmenter
 
 
 def __getattr__(name: str) -> Any:

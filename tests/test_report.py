@@ -1,0 +1,207 @@
+"""HTML report: content, escaping, multi-seed files, errors, and a real render in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpseg.cli import main
+from hpseg.errors import HPSegError
+from hpseg.evaluate import EvalOutput, protocol_block, results_document, write_results
+from hpseg.report import write_report
+
+CLASSES = ["sky", "<b>tree & bush</b>", "road"]  # markup in a name must come out as text
+N_GALLERY = 2
+
+
+def _results_folder(folder: Path) -> Path:
+    """A results folder as ``hpseg evaluate --out`` writes it, from a hand-made EvalOutput."""
+    rng = np.random.default_rng(0)
+    gallery = [
+        {
+            "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            "label": rng.integers(-1, 3, (16, 16)),
+            "unsupervised": rng.integers(-1, 3, (16, 16)),
+            "linear": rng.integers(0, 3, (16, 16)),
+        }
+        for _ in range(N_GALLERY)
+    ]
+    output = EvalOutput(
+        metrics={
+            "unsupervised": {
+                "accuracy": 61.25,
+                "miou": 30.5,
+                "iou": [50.0, 10.0, float("nan")],
+                "assignment": [0, 2, 1, -1],
+            },
+            "linear": {"accuracy": 70.0, "miou": 40.0, "iou": [60.0, 35.0, 25.0]},
+        },
+        confusion={
+            "unsupervised": torch.tensor([[5, 1, 0], [0, 0, 4], [1, 3, 0], [2, 2, 2]]),
+            "linear": torch.tensor([[5, 1, 0], [0, 3, 1], [1, 0, 4]]),
+        },
+        n_images=4,
+        gallery=gallery,
+    )
+    protocol = protocol_block(
+        dataset="synthetic",
+        split="val",
+        n_images=4,
+        eval_resolution=16,
+        crf=False,
+        n_clusters=4,
+        n_classes=3,
+        matching="hungarian",
+        checkpoint=None,
+        backbone="dino_custom",
+        device="cpu",
+    )
+    doc = results_document(output, protocol, CLASSES)
+    write_results(folder, doc, output, CLASSES)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return _results_folder(tmp_path_factory.mktemp("eval"))
+
+
+N_IMAGES = 2 + 4 * N_GALLERY  # two confusion PNGs + four pictures per gallery row
+
+
+def test_report_is_self_contained_and_escaped(results_dir: Path) -> None:
+    path = write_report(results_dir)
+    assert path == results_dir / "report.html"
+    page = path.read_text()
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    assert len(srcs) == N_IMAGES and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in page and "https://" not in page  # no network assets
+    assert "&lt;b&gt;tree &amp; bush&lt;/b&gt;" in page and "<b>tree" not in page
+    assert 'style="width:0.0%"' in page  # NaN IoU: empty bar
+    for fragment in (
+        "61.25",
+        "30.50",
+        "70.00",
+        "n/a",
+        'class="metrics"',
+        'class="iou"',
+        'class="gallery"',
+        "synthetic / val",
+        "hungarian",
+    ):
+        assert fragment in page
+
+
+def test_report_can_reference_images_by_relative_path(results_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pages" / "r.html"
+    write_report(results_dir, out, embed=False)
+    srcs = re.findall(r'<img src="([^"]*)"', out.read_text())
+    assert len(srcs) == N_IMAGES
+    assert all((out.parent / s).resolve().is_file() for s in srcs)
+
+
+def test_report_cli_and_missing_results(results_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(results_dir), "--out", str(tmp_path / "x.html")]) == 0
+    assert (tmp_path / "x.html").is_file()
+    with pytest.raises(HPSegError, match="hpseg evaluate RUN --out DIR"):
+        write_report(tmp_path / "nothing-here")
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_multi_seed_report(tmp_path: Path) -> None:
+    doc = {
+        "protocol": {"dataset": "synthetic", "split": "val", "seeds": ["seed-0", "seed-1"]},
+        "seeds": {
+            "seed-0": {"unsupervised": {"accuracy": 50.0, "miou": 20.0, "iou": [10.0, 30.0]}},
+            "seed-1": {"unsupervised": {"accuracy": 54.0, "miou": 24.0, "iou": [20.0, float("nan")]}},
+        },
+        "aggregate": {
+            "unsupervised": {
+                "accuracy": 52.0,
+                "accuracy_std": 2.83,
+                "miou": 22.0,
+                "miou_std": 2.83,
+                "n_seeds": 2,
+            }
+        },
+    }
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    page = write_report(tmp_path).read_text()
+    for fragment in ("2 seeds", "seed-0", "seed-1", "52.00 ± 2.83", "22.00 ± 2.83", "50.00 / 20.00", "15.00"):
+        assert fragment in page
+    assert "<img" not in page
+
+
+# ------------------------------------------------------------------------------------------
+# a real browser
+# ------------------------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "/usr/bin/chromium"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _run_chromium(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+    ]
+    env = {**os.environ, "HOME": str(profile)}
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_report_renders_in_headless_chromium(results_dir: Path, tmp_path: Path) -> None:
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium not found: install Debian's chromium package: apt-get install chromium")
+    page = write_report(results_dir, tmp_path / "report.html")
+    url = page.resolve().as_uri()
+
+    dom = _run_chromium(exe, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    # the page's load handler marks every image it could decode
+    assert f'data-images="{N_IMAGES}/{N_IMAGES}"' in html, html[:500]
+    imgs = re.findall(r"<img [^>]*>", html)
+    assert len(imgs) == N_IMAGES and all('data-rendered="1"' in tag for tag in imgs)
+    for table in ("metrics", "iou", "gallery", "kv"):
+        assert f'<table class="{table}"' in html
+    assert "<b>tree" not in html  # markup in class names stayed text
+
+    shot = tmp_path / "report.png"
+    res = _run_chromium(
+        exe,
+        tmp_path / "profile-shot",
+        "--virtual-time-budget=5000",
+        f"--screenshot={shot}",
+        "--window-size=1200,1600",
+        url,
+    )
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size == (1200, 1600)
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # not blank
