@@ -6,8 +6,8 @@ import json
 
 import pytest
 import yaml
-from fixtures_layouts import make_cocostuff_tree, make_folder_tree
 
+from fixtures_layouts import make_cocostuff_tree, make_folder_tree
 from hpseg.cli import main
 
 
