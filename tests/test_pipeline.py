@@ -86,3 +86,11 @@ def test_dinov2_with_registers_end_to_end(tmp_path):
     assert pred["linear"].shape == (2, 3, 56, 56) and pred["cluster"].shape == (2, 3, 56, 56)
     rep = evaluate_path(tmp_path / "run" / "best.pt", out_dir=tmp_path / "eval")
     assert rep.document["protocol"]["backbone"] == "vit_small_patch14_reg4_dinov2"
+    # segment an image whose size is not a multiple of 14, larger than the training window
+    from hpseg import Segmenter
+
+    seg = Segmenter.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    image = torch.rand(3, 61, 90)
+    labels = seg.predict(image)
+    assert labels.shape == (61, 90)
+    assert labels.max() < 3 and labels.min() >= -1
