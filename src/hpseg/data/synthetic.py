@@ -33,6 +33,7 @@ CLASS_NAMES = [
     "rings",
 ]
 SPLITS = ("train", "val", "pretrain")
+_MAX_CACHED = 8192
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -61,15 +62,15 @@ def _texture(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
         wave = np.sin(2 * np.pi * (yy * np.cos(theta) + xx * np.sin(theta)) / period + phase)
         return (wave > 0).astype(np.float64)
     if kind == 4:  # checks
-        s = rng.integers(4, 7)
-        oy, ox = rng.integers(0, s, size=2)
-        return (((yy + oy) // s + (xx + ox) // s) % 2).astype(np.float64)
+        cell = int(rng.integers(4, 7))
+        oy, ox = rng.integers(0, cell, size=2)
+        return (((yy + oy) // cell + (xx + ox) // cell) % 2).astype(np.float64)
     if kind == 5:  # dots on a lattice
-        s = rng.uniform(6.0, 8.0)
-        r = s * rng.uniform(0.22, 0.3)
-        oy, ox = rng.uniform(0, s, size=2)
-        dy = np.mod(yy + oy, s) - s / 2
-        dx = np.mod(xx + ox, s) - s / 2
+        step = rng.uniform(6.0, 8.0)
+        r = step * rng.uniform(0.22, 0.3)
+        oy, ox = rng.uniform(0, step, size=2)
+        dy = np.mod(yy + oy, step) - step / 2
+        dx = np.mod(xx + ox, step) - step / 2
         return (dy * dy + dx * dx < r * r).astype(np.float64)
     # rings around a random centre
     cy, cx = rng.uniform(0, h), rng.uniform(0, w)
@@ -103,8 +104,10 @@ def _region_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> n
 def render_scene(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One scene: ``(H, W, 3)`` uint8 RGB and ``(H, W)`` int64 labels in ``[0, n_classes)``."""
     if not 3 <= n_classes <= len(CLASS_NAMES):
-        raise HPSegError(f"synthetic scenes have 3 to {len(CLASS_NAMES)} classes, not {n_classes}: "
-                         "set data.synthetic_classes accordingly")
+        raise HPSegError(
+            f"synthetic scenes have 3 to {len(CLASS_NAMES)} classes, not {n_classes}: "
+            "set data.synthetic_classes accordingly"
+        )
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     label = np.zeros((size, size), dtype=np.int64)
     # layout: sky band on top (class 0), ground band at the bottom (class 1), background between
@@ -141,6 +144,12 @@ class SyntheticScenes(SegmentationDataset):
         seed: scene seed; the same seed gives the same scenes.
         n_classes: 3–8 texture classes.
         image_size: rendering size (default: ``resolution``).
+        cache: keep rendered scenes in memory (about 37 kB each at 96 px) so that later epochs
+            skip rendering; only used when ``n_images`` ≤ 8192.
+        **transform_options: ``interpolation``, ``aug_on_normalized`` (see
+            :class:`hpseg.data.common.SegmentationDataset`).
+
+    Items follow the ``hpseg.data`` contract; ``label`` holds no ignore pixels.
     """
 
     def __init__(
@@ -152,19 +161,25 @@ class SyntheticScenes(SegmentationDataset):
         seed: int = 0,
         n_classes: int = 5,
         image_size: int | None = None,
+        cache: bool = True,
         **transform_options: object,
     ) -> None:
         if split not in SPLITS:
             raise HPSegError(f"synthetic split {split!r} is unknown: use one of {', '.join(SPLITS)}")
         if not 3 <= n_classes <= len(CLASS_NAMES):
-            raise HPSegError(f"synthetic scenes have 3 to {len(CLASS_NAMES)} classes, not {n_classes}: "
-                             "set data.synthetic_classes accordingly")
+            raise HPSegError(
+                f"synthetic scenes have 3 to {len(CLASS_NAMES)} classes, not {n_classes}: "
+                "set data.synthetic_classes accordingly"
+            )
         if n_images < 1:
             raise HPSegError("data.synthetic_*_images must be at least 1")
         super().__init__(mode, resolution, **transform_options)  # type: ignore[arg-type]
         self.split, self.seed, self.n_images = split, seed, n_images
         self.image_size = image_size or resolution
         self.class_names = CLASS_NAMES[:n_classes]
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+            {} if cache and n_images <= _MAX_CACHED else None
+        )
 
     def __len__(self) -> int:
         return self.n_images
@@ -173,9 +188,15 @@ class SyntheticScenes(SegmentationDataset):
         return f"{self.split}-{index:05d}"
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scene ``index`` as ``(uint8 RGB (H,W,3), int64 labels (H,W))``."""
+        """Scene ``index`` as ``(uint8 RGB (H,W,3), int64 labels (H,W))`` (never cached)."""
         return render_scene(_rng(self.seed, self.split, index), self.image_size, self.n_classes)
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
-        rgb, label = self.render(index)
-        return Image.fromarray(rgb), label
+        if self._cache is None:
+            rgb, label = self.render(index)
+            return Image.fromarray(rgb), label
+        if index not in self._cache:
+            rgb, label = self.render(index)
+            self._cache[index] = (rgb, label.astype(np.uint8))
+        rgb, small = self._cache[index]
+        return Image.fromarray(rgb), small.astype(np.int64)
