@@ -326,9 +326,10 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             return f"{m[key]:6.2f} ± {m[key + '_std']:.2f}"
         return f"{m[key]:6.2f}"
 
-    lines = [f"{'head':<20} {'pixel acc %':>14} {'mIoU %':>14}", "-" * 50]
+    width = max([20, *(len(name) for name in rows)])
+    lines = [f"{'head':<{width}} {'pixel acc %':>14} {'mIoU %':>14}", "-" * (width + 30)]
     for name, m in rows.items():
-        lines.append(f"{name:<20} {cell(m, 'accuracy'):>14} {cell(m, 'miou'):>14}")
+        lines.append(f"{name:<{width}} {cell(m, 'accuracy'):>14} {cell(m, 'miou'):>14}")
     return "\n".join(lines)
 
 

@@ -344,7 +344,9 @@ def evaluate_path(
     for folder in seeds:
         rep = evaluate_checkpoint(folder / "best.pt", overrides, preset=preset, out_dir=folder / "eval",
                                   backbone=backbone, baseline=baseline)
-        per_seed[folder.name] = rep.document["metrics"]
+        per_seed[folder.name] = dict(rep.document["metrics"])
+        if baseline:
+            per_seed[folder.name]["k-means baseline"] = rep.document["baseline"]["unsupervised"]
         protocols.append(rep.document["protocol"])
     agg = aggregate_seeds(per_seed)
     protocol = {k: v for k, v in protocols[0].items() if k not in ("checkpoint", "checkpoint_sha256")}
@@ -355,8 +357,8 @@ def evaluate_path(
     for name, metrics in per_seed.items():
         for head, m in metrics.items():
             rows[f"{head} [{name}]"] = m
-    for head, m in agg.items():
-        rows[f"{head} [mean ± std]"] = m
+    for head in per_seed[seeds[0].name]:  # same head order as the per-seed rows
+        rows[f"{head} [mean ± std]"] = agg[head]
     text = "\n".join([
         format_protocol({**protocols[0], "checkpoint_sha256": f"{len(seeds)} seeds"}),
         "",
