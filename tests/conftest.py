@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("HPSEG_GOLDEN", ROOT.parent / "shared" / "golden"))
+
+
+def _find_golden() -> Path:
+    """``$HPSEG_GOLDEN``, else ``../shared/golden`` beside this checkout, else beside the
+    repository this checkout was cloned from (CI runs on a fresh clone in a temporary folder)."""
+    if os.environ.get("HPSEG_GOLDEN"):
+        return Path(os.environ["HPSEG_GOLDEN"])
+    here = ROOT.parent / "shared" / "golden"
+    if here.is_dir():
+        return here
+    try:
+        origin = subprocess.run(
+            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and "://" not in origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared" / "golden"
+        if cloned_from.is_dir():
+            return cloned_from
+    return here
+
+
+GOLDEN_DIR = _find_golden()
 
 # Two cores on CI: keep each test process lean and deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
