@@ -70,7 +70,8 @@ def test_folder_training_with_and_without_labels(tmp_path, tiny_backbone_file, c
                 f"train.out_dir={run}"]
         assert main(argv) == 0, _err(capsys)
         assert (run / "best.pt").is_file()
-        assert main(["evaluate", str(run), "--baseline"]) == 0
+        # settings may follow options: evaluate RUN --baseline key=value
+        assert main(["evaluate", str(run), "--baseline", "eval.batch_size=1"]) == 0
         out = capsys.readouterr().out
         assert "k-means baseline" in out and "protocol:" in out
         doc = json.loads((run / "eval" / "results.json").read_text())
@@ -78,3 +79,9 @@ def test_folder_training_with_and_without_labels(tmp_path, tiny_backbone_file, c
         if not with_labels:  # nothing to score against: no pixel is counted
             assert doc["metrics"]["linear"]["accuracy"] != doc["metrics"]["linear"]["accuracy"] or \
                 doc["metrics"]["linear"]["accuracy"] == 0.0
+
+
+def test_stray_option_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["config", "--preset", "synthetic", "--nonsense"])
+    assert "unrecognized arguments: --nonsense" in capsys.readouterr().err

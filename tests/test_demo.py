@@ -27,7 +27,7 @@ def test_demo_quick(tmp_path, capsys, demo_weights_present):
         assert set(metrics["hp"][head]) == {"accuracy", "miou"}
         assert 0.0 <= metrics["hp"][head]["miou"] <= 100.0
     assert set(metrics["baseline"]["unsupervised"]) == {"accuracy", "miou"}
-    for name in ("predictions.png", "training_curve.png", "results.json"):
+    for name in ("predictions.png", "training_curve.png", "results.json", "eval/results.json"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
     assert "unsupervised mIoU: HP" in printed and "k-means baseline" in printed

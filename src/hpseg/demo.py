@@ -24,7 +24,9 @@ from hpseg.evaluate import (
     format_protocol,
     format_table,
     protocol_block,
+    results_document,
     save_gallery_png,
+    write_results,
 )
 from hpseg.io import atomic_write_text
 from hpseg.model import load_model
@@ -86,6 +88,9 @@ def run_demo(out: Path, *, quick: bool = False, overrides: list[str] | None = No
         class_names,
         out / "predictions.png",
     )
+    # the standard evaluation folder too, so `hpseg report OUT/eval` works on the demo
+    doc = results_document(hp, protocol, class_names, extra={"baseline": base.metrics})
+    write_results(out / "eval", doc, hp, class_names)
     if (run_dir / "training_curve.png").is_file():
         shutil.copyfile(run_dir / "training_curve.png", out / "training_curve.png")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -107,7 +112,8 @@ def run_demo(out: Path, *, quick: bool = False, overrides: list[str] | None = No
     print()
     print(f"unsupervised mIoU: HP {hp_miou:.2f}  vs  k-means baseline {base_miou:.2f}  "
           f"({hp_miou - base_miou:+.2f})   [{seconds:.0f} s]")
-    print(f"results: {out}/ (metrics.json, predictions.png, training_curve.png)")
+    print(f"results: {out}/ (metrics.json, predictions.png, training_curve.png); "
+          f"HTML report: hpseg report {out / 'eval'}")
     return metrics
 
 
