@@ -17,19 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from hpseg.data.common import (
     DOCS_HINT,
-    SegmentationDataset,
-    apply_lookup,
-    check_label_size,
+    LabelledFilesDataset,
     class_names_of,
     find_dataset_dir,
     label_maps,
     lookup_table,
-    read_image,
-    read_label_png,
 )
 from hpseg.errors import HPSegError
 
@@ -45,7 +40,7 @@ def label_id_table() -> np.ndarray:
     return lookup_table({i: i - offset for i in range(offset, offset + N_CLASSES)})
 
 
-class Cityscapes27(SegmentationDataset):
+class Cityscapes27(LabelledFilesDataset):
     """Cityscapes-27 full images (2048×1024).
 
     Args:
@@ -93,15 +88,3 @@ class Cityscapes27(SegmentationDataset):
                 f"{len(missing)} of {len(self.label_files)} Cityscapes images have no label file "
                 f"(first: {missing[0]}): unpack gtFine_trainvaltest.zip completely; {DOCS_HINT}"
             )
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def name(self, index: int) -> str:
-        return self.ids[index]
-
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
-        image = read_image(self.image_files[index])
-        ids = read_label_png(self.label_files[index])
-        check_label_size(image, ids, self.label_files[index])
-        return image, apply_lookup(self._table, ids)

@@ -20,19 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from hpseg.data.common import (
     DOCS_HINT,
-    SegmentationDataset,
-    apply_lookup,
-    check_label_size,
+    LabelledFilesDataset,
     class_names_of,
     find_dataset_dir,
     label_maps,
     lookup_table,
-    read_image,
-    read_label_png,
     read_list,
 )
 from hpseg.errors import HPSegError
@@ -53,7 +48,7 @@ def fine_to_coarse_table() -> np.ndarray:
     return lookup_table({int(k): int(v) for k, v in mapping.items()})
 
 
-class CocoStuff27(SegmentationDataset):
+class CocoStuff27(LabelledFilesDataset):
     """COCO-Stuff-27 full images (evaluation, and the source of the five-crop training set).
 
     Args:
@@ -103,15 +98,3 @@ class CocoStuff27(SegmentationDataset):
                     f"cocostuff27 layout mismatch: the list names {self.ids[0]} but {path} does not exist; "
                     f"{DOCS_HINT}"
                 )
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def name(self, index: int) -> str:
-        return self.ids[index]
-
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
-        image = read_image(self.image_files[index])
-        fine = read_label_png(self.label_files[index])
-        check_label_size(image, fine, self.label_files[index])
-        return image, apply_lookup(self._table, fine)

@@ -244,3 +244,29 @@ class SegmentationDataset(Dataset):
             f"{type(self).__name__}(n={len(self)}, n_classes={self.n_classes}, mode={self.mode!r}, "
             f"resolution={self.resolution})"
         )
+
+
+class LabelledFilesDataset(SegmentationDataset):
+    """A dataset of image files with label PNGs beside them, labels mapped through a lookup table.
+
+    Subclasses fill ``ids``, ``image_files``, ``label_files`` (same order) and ``_table``
+    (a ``(256,)`` int64 table from on-disk label values to classes, −1 = ignore).
+    """
+
+    ids: list[str]
+    image_files: list[Path]
+    label_files: list[Path]
+    _table: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def name(self, index: int) -> str:
+        return self.ids[index]
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
+        image = read_image(self.image_files[index])
+        raw = read_label_png(self.label_files[index])
+        check_label_size(image, raw, self.label_files[index])
+        return image, apply_lookup(self._table, raw)
+
