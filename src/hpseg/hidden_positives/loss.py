@@ -1,16 +1,4 @@
-"""Hidden Positives: the contrastive objective of HP (hp-method §3–7), as pure tensor functions.
-
-Vocabulary (hp-method notation): ``B`` images, ``S×S`` patches each, ``N = B·S²`` patches in
-the batch (rows ordered image by image, row-major inside an image), ``F`` backbone width,
-``D`` head width, ``P`` reference-pool size.
-
-* :func:`pool_thresholds` — per-patch threshold ``r[i] = max_p x_i·pool[p]`` (§3).
-* :func:`positive_masks` — for a block of anchor rows: task-agnostic positives ``A``,
-  task-specific positives ``T``, the denominator set and the kept anchors (§4).
-* :func:`hidden_positive_loss` — the GHP + LHP contrastive loss (§5), processed in chunks of
-  whole images so that memory is ``O(chunk·S²·N)`` rather than ``O(N²)``.
-* :func:`local_propagation` — LHP attention-weighted 3×3 propagation of ``code`` (§6).
-* :func:`lambda_schedule`, :func:`consistency_loss`, :func:`sample_pool_entries` (§3, §5, §7).
+"""The Hidden Positives contrastive loss, GHP + LHP (docs/method.md §5), and the λ schedule.
 
 How the loss is evaluated. With ``w = A + λ·T`` and ``W_i = Σ_j w_ij``, the reference's
 per-image term ``mean_i(mean_pos[i]·pnm[i])`` over the ``K`` kept anchors of an image equals
@@ -33,48 +21,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from hpseg.errors import HPSegError
+from hpseg.hidden_positives.masks import PositiveMasks, _similarity, positive_masks
+from hpseg.hidden_positives.pools import default_matmul_dtype, pool_thresholds
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "BASE_TEMPERATURE",
-    "DEFAULT_CHUNK_IMAGES",
-    "PositiveMasks",
-    "consistency_loss",
-    "hidden_positive_loss",
-    "lambda_schedule",
-    "local_propagation",
-    "neighbourhood_counts",
-    "neighbourhood_mask",
-    "pool_thresholds",
-    "positive_masks",
-    "sample_pool",
-    "sample_pool_entries",
-]
 
 #: The loss is scaled by ``tau / BASE_TEMPERATURE`` (SupCon convention kept by the authors).
 BASE_TEMPERATURE = 0.07
 #: Images per anchor chunk: 8 images at S=28 hold (6272, N) blocks, ~1.3 GB each in float32 at N=50,176.
 DEFAULT_CHUNK_IMAGES = 8
-#: Quantiles of the LHP attention clamp (hp-method §6 step 2).
-LHP_QUANTILES = (0.1, 0.9)
-#: Rows of ``x @ pool.T`` evaluated at once by :func:`pool_thresholds`.
-_THRESHOLD_BLOCK_ROWS = 8192
-#: Largest (images·S²·S²) block handed to ``torch.quantile`` at once.
-_QUANTILE_BLOCK_NUMEL = 1 << 24
-
-
-# ------------------------------------------------------------------------------------------
-# small helpers (schedule, consistency, pools)
-# ------------------------------------------------------------------------------------------
 
 
 def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
-    """Weight λ of task-specific positives at training iteration ``it`` (hp-method §5).
+    """Weight λ of task-specific positives at training iteration ``it`` (docs/method.md §5).
 
     0 while ``it <= warmup``, then ``(it - warmup) / (max_iters - warmup)``, rising linearly to 1
     at ``it == max_iters``. Like the authors' code there is no clamp above 1; when
@@ -85,176 +47,6 @@ def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
     if max_iters <= warmup:
         return 1.0
     return (it - warmup) / (max_iters - warmup)
-
-
-def consistency_loss(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor:
-    """Photometric consistency ``mean_i ‖z_i − z_aug_i‖₂`` (hp-method §7).
-
-    Computed as ``torch.nn.PairwiseDistance`` does (``‖z − z_aug + 1e-6‖₂`` per row).
-
-    Args:
-        z: embeddings of the images ``(N, D)``.
-        z_aug: embeddings of the augmented images ``(N, D)``.
-
-    Returns:
-        A scalar tensor.
-    """
-    if z.dim() != 2 or z.shape != z_aug.shape:
-        raise HPSegError(
-            f"consistency_loss needs two (N, D) tensors of one shape, got {tuple(z.shape)} and "
-            f"{tuple(z_aug.shape)}; flatten both views with the same patch order"
-        )
-    return F.pairwise_distance(z, z_aug, p=2.0, eps=1e-6).mean()
-
-
-def sample_pool_entries(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One random patch per image, L2-normalised: entries of a reference pool (hp-method §3).
-
-    Args:
-        x: feature maps ``(B, C, h, w)`` (``drop(feats)`` for the task-agnostic pool,
-            ``drop(code_ema)`` for the task-specific one).
-        generator: optional random generator (on any device) for the patch positions.
-
-    Returns:
-        ``(B, C)`` float32 rows of unit norm.
-    """
-    if x.dim() != 4:
-        raise HPSegError(
-            f"sample_pool_entries needs feature maps (B, C, h, w), got shape {tuple(x.shape)}; "
-            "pass the un-flattened maps"
-        )
-    b, c = x.shape[:2]
-    flat = x.flatten(2)  # (B, C, h·w)
-    gen_device = generator.device if generator is not None else x.device
-    idx = torch.randint(flat.shape[2], (b,), generator=generator, device=gen_device).to(x.device)
-    rows = flat[torch.arange(b, device=x.device), :, idx]  # (B, C)
-    return F.normalize(rows.float(), dim=1)
-
-
-#: Alias named in docs/DEVELOPING.md.
-sample_pool = sample_pool_entries
-
-
-def _default_matmul_dtype(device: torch.device) -> torch.dtype:
-    """float16 similarities on CUDA (unit vectors: |x·y| ≤ 1, no overflow), float32 elsewhere."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-@torch.no_grad()
-def pool_thresholds(
-    x: torch.Tensor, pool: torch.Tensor, *, matmul_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Per-row threshold ``r[i] = max_p x_i·pool[p]`` (hp-method §3).
-
-    Args:
-        x: L2-normalised rows ``(N, C)``.
-        pool: L2-normalised reference pool ``(P, C)``.
-        matmul_dtype: dtype of the similarity products (default: float16 on CUDA, float32
-            otherwise); the result holds exactly the values of that dtype, so it compares
-            consistently with similarities computed in it.
-
-    Returns:
-        ``(N,)`` float32 thresholds. Evaluated in row blocks: memory ``O(block·P)``.
-    """
-    if x.dim() != 2 or pool.dim() != 2 or x.shape[1] != pool.shape[1]:
-        raise HPSegError(
-            f"pool_thresholds needs x (N, C) and pool (P, C) of one width, got {tuple(x.shape)} and "
-            f"{tuple(pool.shape)}; build the pool from the same features as x"
-        )
-    if pool.shape[0] == 0:
-        raise HPSegError("the reference pool is empty; fill it with sample_pool_entries before training")
-    dtype = matmul_dtype or _default_matmul_dtype(x.device)
-    pool_t = pool.to(dtype).t()
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], _THRESHOLD_BLOCK_ROWS):
-        block = x[start : start + _THRESHOLD_BLOCK_ROWS].to(dtype)
-        out[start : start + block.shape[0]] = (block @ pool_t).amax(dim=1).float()
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# global hidden positives (§4)
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PositiveMasks:
-    """Masks of one block of ``M`` anchor rows against all ``N`` candidates (all bool).
-
-    Attributes:
-        agnostic: ``A`` ``(M, N)``: task-agnostic positives, self excluded.
-        specific: ``T`` ``(M, N)``: task-specific positives, self excluded; ``None`` when λ = 0
-            (not needed).
-        denominator: ``(M, N)``: candidates of the softmax denominator, ``(A | keep) & ¬self``.
-        kept: ``(M,)``: anchors with at least one task-agnostic positive.
-    """
-
-    agnostic: torch.Tensor
-    specific: torch.Tensor | None
-    denominator: torch.Tensor
-    kept: torch.Tensor
-
-
-def _similarity(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b.T`` in ``dtype`` ``(M, N)``; autocast is disabled so the dtype is exactly ours."""
-    with torch.autocast(a.device.type, enabled=False):
-        return a.to(dtype) @ b.to(dtype).t()
-
-
-def _symmetric_positives(
-    x: torch.Tensor, r: torch.Tensor, rows: slice, self_cols: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """``x_i·x_j > r_i or x_i·x_j > r_j`` for anchors ``i`` in ``rows``, ``j ≠ i`` ``(M, N)`` bool."""
-    sim = _similarity(x[rows], x, dtype)
-    mask = sim > r[rows].unsqueeze(1)
-    mask.logical_or_(sim > r.unsqueeze(0))
-    del sim
-    mask[torch.arange(mask.shape[0], device=mask.device), self_cols] = False
-    return mask
-
-
-def positive_masks(
-    feats: torch.Tensor,
-    code_ema: torch.Tensor,
-    r_agnostic: torch.Tensor,
-    r_specific: torch.Tensor,
-    rows: slice,
-    *,
-    keep: torch.Tensor | None = None,
-    with_specific: bool = True,
-    matmul_dtype: torch.dtype | None = None,
-) -> PositiveMasks:
-    """Hidden-positive masks for the anchor rows ``rows`` of the batch (hp-method §4).
-
-    Args:
-        feats: ``f``, L2-normalised backbone features ``(N, F)``.
-        code_ema: ``s``, L2-normalised EMA-head codes ``(N, D)``.
-        r_agnostic: :func:`pool_thresholds` of ``feats`` vs the task-agnostic pool ``(N,)``.
-        r_specific: :func:`pool_thresholds` of ``code_ema`` vs the task-specific pool ``(N,)``.
-        rows: the anchors, a contiguous slice ``start:stop`` of the ``N`` rows.
-        keep: negatives kept in the denominator for these anchors ``(M, N)`` bool; ``None`` keeps
-            every candidate (``rho = 1``).
-        with_specific: compute ``T`` (skip it when λ = 0).
-        matmul_dtype: dtype of the similarity products (as in :func:`pool_thresholds`).
-
-    Returns:
-        :class:`PositiveMasks` with ``M = stop − start`` rows.
-    """
-    dtype = matmul_dtype or _default_matmul_dtype(feats.device)
-    self_cols = torch.arange(rows.start, rows.stop, device=feats.device)
-    agnostic = _symmetric_positives(feats, r_agnostic, rows, self_cols, dtype)
-    specific = _symmetric_positives(code_ema, r_specific, rows, self_cols, dtype) if with_specific else None
-    if keep is None:
-        denominator = torch.ones_like(agnostic)
-    else:
-        denominator = agnostic | keep
-    denominator[torch.arange(agnostic.shape[0], device=agnostic.device), self_cols] = False
-    return PositiveMasks(agnostic, specific, denominator, agnostic.any(dim=1))
-
-
-# ------------------------------------------------------------------------------------------
-# the contrastive loss (§5)
-# ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -315,7 +107,7 @@ def _contrastive_chunk(
     grad: torch.Tensor | None,
     grad_scale: float,
 ) -> torch.Tensor:
-    """``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` for the anchors ``rows`` of embeddings ``e`` (hp-method §5).
+    """``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` for the anchors ``rows`` of embeddings ``e`` (docs/method.md §5).
 
     When ``grad`` ``(N, D)`` is given, adds ``grad_scale ×`` the gradient of that sum w.r.t. ``e``
     to it. Works on one ``(M, N)`` float32 block (plus the products' dtype copies).
@@ -523,7 +315,7 @@ def hidden_positive_loss(
     generator: torch.Generator | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The Hidden Positives contrastive loss, GHP + LHP (hp-method §4–5), ``(L(z) + L(z_lhp))/2``.
+    """The Hidden Positives contrastive loss, GHP + LHP (docs/method.md §4–5), ``(L(z) + L(z_lhp))/2``.
 
     For ``e ∈ {z, z_lhp}``, anchors ``i`` and candidates ``j ≠ i`` over the whole batch:
     ``log_p[i,j] = e_i·e_j/τ − log Σ_{j∈den(i)} exp(e_i·e_j/τ)``, ``den(i) = A_i | keep_i``,
@@ -573,7 +365,7 @@ def hidden_positive_loss(
         rho=float(rho),
         reweight=bool(reweight),
         chunk_images=min(chunk_images, num_images),
-        matmul_dtype=matmul_dtype or _default_matmul_dtype(z.device),
+        matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
         generator=generator,
         need_grad=(
             torch.is_grad_enabled() and z.requires_grad,
@@ -587,111 +379,3 @@ def hidden_positive_loss(
             z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, opt
         )
     return out  # type: ignore[no-any-return]
-
-
-# ------------------------------------------------------------------------------------------
-# local hidden positives (§6)
-# ------------------------------------------------------------------------------------------
-
-
-def _grid(size: int | tuple[int, int]) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else size
-    if h < 1 or w < 1:
-        raise HPSegError(f"patch grid must be at least 1×1, got {h}×{w}")
-    return h, w
-
-
-_OFFSETS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
-
-
-def _neighbour_table(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of the 3×3 neighbours of every patch ``(h·w, 9)`` (clamped) and their
-    existence ``(h·w, 9)`` bool, offsets in row-major order (−1,−1), (−1,0), … (1,1)."""
-    r = torch.arange(h, device=device).view(h, 1, 1).expand(h, w, 1)
-    c = torch.arange(w, device=device).view(1, w, 1).expand(h, w, 1)
-    dr = torch.tensor([o[0] for o in _OFFSETS], device=device)
-    dc = torch.tensor([o[1] for o in _OFFSETS], device=device)
-    rr, cc = r + dr, c + dc  # (h, w, 9)
-    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    index = rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)
-    return index.reshape(h * w, 9), valid.reshape(h * w, 9)
-
-
-def neighbourhood_mask(size: int | tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
-    """3×3 spatial neighbourhood (itself included) of every patch of an ``S×S`` (or ``h×w``) grid.
-
-    Returns:
-        ``(S², S²)`` bool, ``mask[i, j]`` true iff patch ``j`` is in patch ``i``'s 3×3 window.
-    """
-    h, w = _grid(size)
-    dev = device or torch.device("cpu")
-    index, valid = _neighbour_table(h, w, dev)
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=dev)
-    rows = torch.arange(h * w, device=dev).unsqueeze(1).expand_as(index)
-    mask[rows[valid], index[valid]] = True
-    return mask
-
-
-def neighbourhood_counts(size: int | tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
-    """Number of existing 3×3 neighbourhood cells per patch ``(S²,)`` long: 9 inside, 6 on edges,
-    4 in corners (fewer on grids thinner than 3)."""
-    h, w = _grid(size)
-    _, valid = _neighbour_table(h, w, device or torch.device("cpu"))
-    return valid.sum(dim=1)
-
-
-@torch.no_grad()
-def _lhp_attention(attn_logits: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Steps 1–4 of hp-method §6: ``(B, H, 1+S², 1+S²)`` logits → ``(B, S², S²)`` float32 weights."""
-    attn = attn_logits[:, :, 1:, 1:].float().mean(dim=1)  # (B, S², S²)
-    q = torch.tensor(LHP_QUANTILES, dtype=attn.dtype, device=attn.device)
-    per_block = max(1, _QUANTILE_BLOCK_NUMEL // attn[0].numel())
-    for start in range(0, attn.shape[0], per_block):
-        block = attn[start : start + per_block]
-        low, high = torch.quantile(block, q, dim=2, keepdim=True)  # linear interpolation
-        block = torch.maximum(torch.minimum(block, high), low)
-        block = block.softmax(dim=-1) * sigma
-        block = torch.where(block < block.mean(dim=2, keepdim=True), torch.zeros_like(block), block)
-        attn[start : start + per_block] = block
-    return attn
-
-
-def local_propagation(attn_logits: torch.Tensor, code: torch.Tensor, sigma: float = 28.0) -> torch.Tensor:
-    """LHP: attention-weighted average of each patch's 3×3 neighbourhood of ``code`` (hp-method §6).
-
-    From the last block's pre-softmax attention: drop CLS, average heads, clamp each row to its
-    [10%, 90%] quantiles, softmax, ×σ, zero entries below the row mean, keep the 3×3 window and
-    ``code_lhp[i] = Σ_j a[i,j]·code[j] / n_i`` with ``n_i`` the number of window cells that exist
-    (9/6/4). The attention is treated as a constant; gradients flow to ``code`` only.
-
-    Args:
-        attn_logits: ``(B, H, 1+S², 1+S²)`` pre-softmax attention, CLS first.
-        code: segmentation-head output ``(B, D, S, S)`` (``h×w`` grids work too).
-        sigma: the softmax scale σ.
-
-    Returns:
-        ``code_lhp`` ``(B, D, S, S)`` in ``code``'s dtype.
-    """
-    if code.dim() != 4 or attn_logits.dim() != 4:
-        raise HPSegError(
-            f"local_propagation needs attn_logits (B, H, 1+S², 1+S²) and code (B, D, S, S), got "
-            f"{tuple(attn_logits.shape)} and {tuple(code.shape)}"
-        )
-    b, _, h, w = code.shape
-    tokens = 1 + h * w
-    if attn_logits.shape[0] != b or attn_logits.shape[2:] != (tokens, tokens):
-        raise HPSegError(
-            f"local_propagation: attn_logits {tuple(attn_logits.shape)} does not fit code "
-            f"{tuple(code.shape)} (expected ({b}, heads, {tokens}, {tokens})); pass the attention "
-            "of the same images with the CLS token first and register tokens removed"
-        )
-    attn = _lhp_attention(attn_logits.detach(), float(sigma))  # (B, S², S²)
-    index, valid = _neighbour_table(h, w, code.device)
-    weights = (attn.gather(2, index.unsqueeze(0).expand(b, -1, -1)) * valid).to(code.dtype)  # (B, S², 9)
-    counts = valid.sum(dim=1).to(code.dtype).view(1, 1, h, w)
-    padded = F.pad(code, (1, 1, 1, 1))  # out-of-grid neighbours read zeros (their weight is 0 too)
-    out = torch.zeros_like(code)
-    for k, (dr, dc) in enumerate(_OFFSETS):
-        shifted = padded[:, :, 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w]
-        out = out + weights[:, :, k].view(b, 1, h, w) * shifted
-    return out / counts

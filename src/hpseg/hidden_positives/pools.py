@@ -1,0 +1,81 @@
+"""Reference pools and per-patch thresholds of the hidden positives (docs/method.md §3).
+
+* :func:`sample_pool_entries` — one random patch per image, L2-normalised: entries of a pool.
+* :func:`pool_thresholds` — ``r[i] = max_p x_i·pool[p]``, the bar a candidate must clear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hpseg.errors import HPSegError
+
+#: Rows of ``x @ pool.T`` evaluated at once by :func:`pool_thresholds`.
+_THRESHOLD_BLOCK_ROWS = 8192
+
+
+def sample_pool_entries(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random patch per image, L2-normalised: entries of a reference pool (docs/method.md §3).
+
+    Args:
+        x: feature maps ``(B, C, h, w)`` (``drop(feats)`` for the task-agnostic pool,
+            ``drop(code_ema)`` for the task-specific one).
+        generator: optional random generator (on any device) for the patch positions.
+
+    Returns:
+        ``(B, C)`` float32 rows of unit norm.
+    """
+    if x.dim() != 4:
+        raise HPSegError(
+            f"sample_pool_entries needs feature maps (B, C, h, w), got shape {tuple(x.shape)}; "
+            "pass the un-flattened maps"
+        )
+    b, c = x.shape[:2]
+    flat = x.flatten(2)  # (B, C, h·w)
+    gen_device = generator.device if generator is not None else x.device
+    idx = torch.randint(flat.shape[2], (b,), generator=generator, device=gen_device).to(x.device)
+    rows = flat[torch.arange(b, device=x.device), :, idx]  # (B, C)
+    return F.normalize(rows.float(), dim=1)
+
+
+#: Alias named in docs/DEVELOPING.md.
+sample_pool = sample_pool_entries
+
+
+def default_matmul_dtype(device: torch.device) -> torch.dtype:
+    """float16 similarities on CUDA (unit vectors: |x·y| ≤ 1, no overflow), float32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@torch.no_grad()
+def pool_thresholds(
+    x: torch.Tensor, pool: torch.Tensor, *, matmul_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-row threshold ``r[i] = max_p x_i·pool[p]`` (docs/method.md §3).
+
+    Args:
+        x: L2-normalised rows ``(N, C)``.
+        pool: L2-normalised reference pool ``(P, C)``.
+        matmul_dtype: dtype of the similarity products (default: float16 on CUDA, float32
+            otherwise); the result holds exactly the values of that dtype, so it compares
+            consistently with similarities computed in it.
+
+    Returns:
+        ``(N,)`` float32 thresholds. Evaluated in row blocks: memory ``O(block·P)``.
+    """
+    if x.dim() != 2 or pool.dim() != 2 or x.shape[1] != pool.shape[1]:
+        raise HPSegError(
+            f"pool_thresholds needs x (N, C) and pool (P, C) of one width, got {tuple(x.shape)} and "
+            f"{tuple(pool.shape)}; build the pool from the same features as x"
+        )
+    if pool.shape[0] == 0:
+        raise HPSegError("the reference pool is empty; fill it with sample_pool_entries before training")
+    dtype = matmul_dtype or default_matmul_dtype(x.device)
+    pool_t = pool.to(dtype).t()
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _THRESHOLD_BLOCK_ROWS):
+        block = x[start : start + _THRESHOLD_BLOCK_ROWS].to(dtype)
+        out[start : start + block.shape[0]] = (block @ pool_t).amax(dim=1).float()
+    return out
+
