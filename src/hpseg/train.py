@@ -494,7 +494,8 @@ def fit(
                 if it >= max_iters:
                     break
                 lam = lambda_schedule(it, s.warmup, max_iters)
-                if it % s.renew_interval == 0 and it != 0:
+                i = it - epoch * iters_per_epoch  # batch index within the epoch (the authors' count)
+                if i % s.renew_interval == 0 and i != 0:
                     pool_sampler.set_epoch(it // s.renew_interval)  # fresh images each renewal
                     pool_specific = collect_pool(
                         model, pool_loader, s.pool_size, device, which="specific", dropout=s.loss.dropout,
@@ -535,8 +536,8 @@ def fit(
                         "seconds": round(time.perf_counter() - t0, 3),
                     }
                     log_file.write(record)
-                end_of_epoch = (it + 1) % iters_per_epoch == 0
-                if (it + 1) % s.valid_freq == 0 or end_of_epoch or it + 1 == max_iters:
+                end_of_epoch = i + 1 == iters_per_epoch
+                if (i + 1) % s.valid_freq == 0 or end_of_epoch or it + 1 == max_iters:
                     validate_and_select(epoch)
                     save_last()
 
