@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,25 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _find_golden() -> Path:
-    """``$HPSEG_GOLDEN``, else ``../shared/golden`` beside this checkout, else beside the
-    repository this checkout was cloned from (CI runs on a fresh clone in a temporary folder)."""
-    if os.environ.get("HPSEG_GOLDEN"):
-        return Path(os.environ["HPSEG_GOLDEN"])
-    here = ROOT.parent / "shared" / "golden"
-    if here.is_dir():
-        return here
-    try:
-        origin = subprocess.run(
-            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-            capture_output=True, text=True, timeout=10, check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        origin = ""
-    if origin and "://" not in origin and Path(origin).is_dir():
-        cloned_from = Path(origin).resolve().parent / "shared" / "golden"
-        if cloned_from.is_dir():
-            return cloned_from
-    return here
+    """``$HPSEG_GOLDEN`` if set, else ``tests/golden`` inside this repository (shipped with it)."""
+    env = os.environ.get("HPSEG_GOLDEN")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parent / "golden"
 
 
 GOLDEN_DIR = _find_golden()
@@ -42,21 +27,37 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """Directory of golden files recorded from the authors' code (skips when absent)."""
+    """Directory of golden files recorded from the authors' code (``tests/golden/README.md``).
+
+    The recordings ship with the repository: a missing folder is a failure, never a skip.
+    """
     if not GOLDEN_DIR.is_dir():
-        pytest.skip(f"golden data not found at {GOLDEN_DIR}; set HPSEG_GOLDEN to its folder")
+        pytest.fail(
+            f"golden data folder {GOLDEN_DIR} does not exist: it ships in tests/golden; "
+            "unset HPSEG_GOLDEN or point it at a copy of that folder"
+        )
     return GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")
-def load_golden(golden_dir: Path):
-    """Load one golden file by name (trusted local data recorded by the project)."""
+def golden_file(golden_dir: Path):
+    """Path of one golden file by name; a missing file fails the test."""
 
-    def _load(name: str) -> dict:
+    def _path(name: str) -> Path:
         path = golden_dir / name
         if not path.is_file():
-            pytest.skip(f"golden file {name} not found in {golden_dir}")
-        return torch.load(path, map_location="cpu", weights_only=False)
+            pytest.fail(f"golden file {name} not found in {golden_dir} (see tests/golden/README.md)")
+        return path
+
+    return _path
+
+
+@pytest.fixture(scope="session")
+def load_golden(golden_file):
+    """Load one golden file by name: plain containers of tensors and numbers (weights_only)."""
+
+    def _load(name: str) -> dict:
+        return torch.load(golden_file(name), map_location="cpu", weights_only=True)
 
     return _load
 

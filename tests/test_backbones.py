@@ -28,11 +28,9 @@ TINY = BackboneArch("dino_custom", patch_size=8, embed_dim=128, depth=2, num_hea
 
 
 @pytest.fixture(scope="module")
-def golden_backbone(golden_dir: Path, load_golden) -> tuple[Backbone, dict]:
+def golden_backbone(golden_file, load_golden) -> tuple[Backbone, dict]:
     g = load_golden("featurizer_small.pt")
-    path = golden_dir / "hp_ckpt_small.pth"
-    if not path.is_file():
-        pytest.skip(f"golden file {path.name} not found in {golden_dir}")
+    path = golden_file("hp_ckpt_small.pth")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return build_backbone("dino_custom", state_dict=ckpt), g
 
@@ -240,7 +238,7 @@ def test_unknown_backbone_name_is_a_clear_error() -> None:
 
 
 def test_missing_demo_weights_say_how_to_create_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backbones, "_DEMO_ASSET", "no_such_file.safetensors")
+    monkeypatch.setattr(backbones.weights, "DEMO_ASSET", "no_such_file.safetensors")
     with pytest.raises(HPSegError, match="scripts/pretrain_demo_backbone.py"):
         build_backbone("hpseg_demo_vit")
 

@@ -24,6 +24,15 @@ def test_config_prints_resolved_yaml(capsys):
     assert cfg["train"]["batch_size"] == 8 and cfg["loss"]["tau"] == 0.8
 
 
+@pytest.mark.parametrize("preset", ["cocostuff27", "cityscapes27", "potsdam3"])
+def test_config_of_a_paper_preset_needs_no_data_root(preset, capsys):
+    assert main(["config", "--preset", preset]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["precision"] == "fp16" and cfg["data"]["root"] is None
+    if preset == "cityscapes27":
+        assert cfg["data"]["five_crop"] is True
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -33,6 +42,17 @@ def test_config_prints_resolved_yaml(capsys):
         (["train", "--preset", "cocostuff27", "data.root=/does/not/exist"], "/does/not/exist"),
         (["evaluate", "/does/not/exist.pt"], "does not exist"),
         (["train", "--preset", "synthetic", "oops"], "key=value"),
+        (["baseline", "--preset", "synthetic", "model.backbone=no_such_vit"], "unknown backbone"),
+        (["prepare", "--preset", "synthetic"], "five-crop sets"),
+        (["prepare", "--preset", "cityscapes27"], "data.root is not set"),
+        (["demo", "--quick", "train.batch_size=1"], "batch_size must be at least 2"),
+        (["config", "--preset", "synthetic", "train.precision=fp8"], "train.precision"),
+        (["segment", "/does/not/exist.pt", "/no/images/here", "--out", "/tmp/hpseg-x"], "no input images matched"),
+        (["name", "/does/not/exist", "0=sky"], "holds no best.pt"),
+        (["report", "/does/not/exist"], "no results.json"),
+        (["export", "/does/not/exist.pt", "--out", "/tmp/hpseg-x.onnx"], "does not exist"),
+        (["convert", "/does/not/exist.pth", "/tmp/hpseg-x.pt"], "does not exist"),
+        (["compare", "/does/not/exist"], "no results.json"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
@@ -73,12 +93,13 @@ def test_folder_training_with_and_without_labels(tmp_path, tiny_backbone_file, c
         # settings may follow options: evaluate RUN --baseline key=value
         assert main(["evaluate", str(run), "--baseline", "eval.batch_size=1"]) == 0
         out = capsys.readouterr().out
-        assert "k-means baseline" in out and "protocol:" in out
+        assert "protocol:" in out and "nan" not in out.lower()
         doc = json.loads((run / "eval" / "results.json").read_text())
-        assert doc["protocol"]["n_classes"] == 3
-        if not with_labels:  # nothing to score against: no pixel is counted
-            assert doc["metrics"]["linear"]["accuracy"] != doc["metrics"]["linear"]["accuracy"] or \
-                doc["metrics"]["linear"]["accuracy"] == 0.0
+        assert doc["protocol"]["n_classes"] == 3 and doc["protocol"]["labelled"] is with_labels
+        if with_labels:
+            assert "k-means baseline" in out and doc["metrics"]["unsupervised"]["miou"] >= 0
+        else:  # nothing to score against: said so, no metric, still the predictions and the clusters
+            assert "no labels to score against" in out and doc["metrics"] == {} and doc["cluster_gallery"]
 
 
 def test_stray_option_is_rejected(capsys):

@@ -28,7 +28,7 @@ def test_compare_table_and_files(tmp_path):
     _write(tmp_path / "a", 20.0)
     _write(tmp_path / "b", 22.5, seeds=True)
     text = compare_runs([tmp_path / "a", tmp_path / "b"], out=tmp_path / "cmp")
-    assert "20.00" in text and "22.50±0.50" in text
+    assert "20.00" in text and "22.50 ± 0.50" in text
     assert "protocols agree" in text
     assert (tmp_path / "cmp" / "compare.png").is_file()
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())

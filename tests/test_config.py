@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hpseg.config import Config, available_presets, build_config, config_from_dict
+from hpseg.config import Config, available_presets, build_config, config_from_dict, require_data_root, run_dir
 from hpseg.errors import HPSegError
 
 
@@ -69,8 +69,25 @@ def test_bad_overrides_give_one_line_errors(override, message):
 def test_unknown_preset_and_missing_root():
     with pytest.raises(HPSegError, match="unknown preset 'coco'"):
         build_config("coco", [])
+    cfg = build_config("cocostuff27", [])  # a configuration can be printed before the data exists
     with pytest.raises(HPSegError, match="data.root is not set"):
-        build_config("cocostuff27", [])
+        require_data_root(cfg)
+
+
+@pytest.mark.parametrize("preset", ["cocostuff27", "cityscapes27", "potsdam3"])
+def test_paper_presets_train_as_the_authors(preset):
+    cfg = build_config(preset, [])
+    assert cfg.train.precision == "fp16" and cfg.data.root is None
+    assert cfg.data.five_crop is (preset != "potsdam3")  # the authors' Potsdam loader reads whole tiles
+    assert cfg.data.crop_ratio == 0.5
+
+
+def test_legacy_amp_key_and_run_folder_names():
+    assert build_config("synthetic", ["train.amp=false"]).train.precision == "fp32"
+    assert config_from_dict({"train": {"amp": True}}).train.precision == "auto"
+    assert str(run_dir(build_config("folder", ["data.root=/photos/holiday/"]))) == "runs/holiday"
+    assert str(run_dir(build_config("cocostuff27", []))) == "runs/cocostuff27"
+    assert str(run_dir(build_config("synthetic", ["train.out_dir=x/y"]))) == "x/y"
 
 
 def test_round_trip_through_yaml(tmp_path):

@@ -52,8 +52,8 @@ def check_item(item: dict, resolution: int, train: bool) -> None:
 # --- label maps ------------------------------------------------------------------------------
 
 
-def test_label_maps_are_packaged_and_match_golden(golden_dir: Path) -> None:
-    assert label_maps() == json.loads((golden_dir / "label_maps.json").read_text())
+def test_label_maps_are_packaged_and_match_golden(golden_file) -> None:
+    assert label_maps() == json.loads(golden_file("label_maps.json").read_text())
 
 
 def test_class_names() -> None:

@@ -27,9 +27,15 @@ def test_demo_quick(tmp_path, capsys, demo_weights_present):
         assert set(metrics["hp"][head]) == {"accuracy", "miou"}
         assert 0.0 <= metrics["hp"][head]["miou"] <= 100.0
     assert set(metrics["baseline"]["unsupervised"]) == {"accuracy", "miou"}
-    for name in ("predictions.png", "training_curve.png", "results.json", "eval/results.json"):
+    assert metrics["margin_miou"] == pytest.approx(metrics["hp"]["unsupervised"]["miou"]
+                                                   - metrics["baseline"]["unsupervised"]["miou"], abs=0.02)
+    for name in ("predictions.png", "training_curve.png", "eval/results.json", "eval/report.html"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
     assert "unsupervised mIoU: HP" in printed and "k-means baseline" in printed
-    results = json.loads((out / "results.json").read_text())
-    assert results["protocol"]["dataset"] == "synthetic" and results["quick"] is True
+    last = printed.strip().splitlines()
+    assert last[-2].startswith("diagnostics:") and last[-1].startswith("unsupervised mIoU")  # they end it
+    results = json.loads((out / "eval" / "results.json").read_text())  # the one results schema
+    assert results["protocol"]["dataset"] == "synthetic" and results["notes"]["quick"] is True
+    assert results["baseline"]["unsupervised"]["miou"] == pytest.approx(metrics["baseline"]["unsupervised"]["miou"],
+                                                                        abs=0.01)

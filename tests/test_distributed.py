@@ -46,7 +46,7 @@ def _torchrun(
         "model.backbone=dino_vits8", f"model.weights={weights}", f"train.batch_size={GLOBAL_BATCH}",
         f"train.epochs={EPOCHS}", "train.valid_freq=2", "train.log_freq=1", "train.progress=false",
         "train.device=cpu", f"train.out_dir={out}", "loss.pool_size=8", "loss.warmup=1",
-        "loss.renew_interval=2", "eval.batch_size=4", *extra,
+        "loss.renew_interval=1", "eval.batch_size=4", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,16 +86,19 @@ def _check_run(proc: subprocess.CompletedProcess[str], out: Path, dump: Path) ->
         seen = [set(r["batches"][step]) for r in ranks]
         assert not seen[0] & seen[1], f"step {step}: ranks trained on the same images"
     # --- reference pools identical across ranks (gathered), right sizes --------------------------
-    assert len(ranks[0]["pools"]) == len(ranks[1]["pools"]) == 2 + (ITERS - 1) // 2  # 2 at start + renewals
+    # 2 at start + a renewal at every batch index i % renew_interval == 0, i != 0, within each epoch
+    per_epoch = TRAIN_IMAGES // GLOBAL_BATCH
+    assert len(ranks[0]["pools"]) == len(ranks[1]["pools"]) == 2 + EPOCHS * (per_epoch - 1)
     for a, b in zip(ranks[0]["pools"], ranks[1]["pools"]):
         assert a.shape[0] == 8 and torch.equal(a, b)
     last = torch.load(out / "last.pt", weights_only=True)
-    assert torch.equal(last["pool_agnostic"], ranks[0]["pools"][0])
+    assert torch.equal(last["pools"]["agnostic"], ranks[0]["pools"][0])
+    assert last["rng"]["cpu"].shape[0] == WORLD  # every rank's random stream, for an exact resume
     # --- DDP kept the replicas identical (heads, EMA head, probes) ------------------------------
     for key, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][key]), key
 
-    from hpseg.model import load_model
+    from hpseg.checkpoint import load_model
 
     model = load_model(out / "best.pt")
     assert model.class_names and len(model.class_names) == 3
@@ -153,14 +156,16 @@ def test_batch_not_divisible_by_world_is_refused(monkeypatch, tiny_backbone_file
 
 
 def test_local_device_picks_the_local_gpu(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    from hpseg.runtime import resolve_device
+
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert dist.local_device(torch.device("cpu")) == torch.device("cpu")
-    assert dist.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # explicit: kept
+    assert dist.local_rank() == 1
+    assert resolve_device("cpu", dist.local_rank()) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert dist.local_device(torch.device("cuda")) == torch.device("cuda", 1)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert dist.local_device(torch.device("cuda")) == torch.device("cuda")
+    assert resolve_device("cuda:0", dist.local_rank()) == torch.device("cuda", 0)  # explicit: kept
+    assert resolve_device("cuda", dist.local_rank()) == torch.device("cuda", 1)
+    assert resolve_device("auto", dist.local_rank()) == torch.device("cuda", 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,10 +180,10 @@ def _worker_main(argv: list[str]) -> int:
 
     dump = Path(os.environ["HPSEG_TEST_DDP_DUMP"])
     record: dict = {"pools": [], "batches": [], "cached_batches": 0}
-    collect_pool, backbone_outputs, fit = train.collect_pool, train.backbone_outputs, train.fit
+    collect, backbone_outputs, fit = train.ReferencePools.collect, train.backbone_outputs, train.fit
 
-    def collect_pool_spy(*args, **kwargs):
-        pool = collect_pool(*args, **kwargs)
+    def collect_spy(self, *args, **kwargs):
+        pool = collect(self, *args, **kwargs)
         record["pools"].append(pool.detach().cpu().clone())
         return pool
 
@@ -198,7 +203,8 @@ def _worker_main(argv: list[str]) -> int:
         torch.save(record, dump / f"rank{dist.rank()}.pt")
         return summary
 
-    train.collect_pool, train.backbone_outputs, train.fit = collect_pool_spy, backbone_outputs_spy, fit_spy
+    train.ReferencePools.collect = collect_spy  # type: ignore[method-assign]
+    train.backbone_outputs, train.fit = backbone_outputs_spy, fit_spy
     import hpseg.pipeline as pipeline
 
     pipeline.fit = fit_spy  # imported by name there

@@ -1,4 +1,4 @@
-"""Evaluation helpers: k-means baseline, seed aggregation, protocol and tables."""
+"""Evaluation: k-means, the evaluation loop with and without labels, the results folder."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from hpseg.evaluate import (
-    EvalOutput,
-    aggregate_seeds,
-    colorize,
-    format_protocol,
-    format_table,
-    kmeans,
-    protocol_block,
-    results_document,
-    write_results,
-)
+from hpseg.backbones import BackboneArch, backbone_from_arch
+from hpseg.errors import HPSegError
+from hpseg.evaluate import cluster_usage, evaluate_model, kmeans, write_results
+from hpseg.model import HPModel
+from hpseg.results import Protocol, Results
+from hpseg.runtime import Runtime
+
+CPU = Runtime.create("cpu", "fp32")
 
 
 def test_kmeans_recovers_separated_clusters():
@@ -27,10 +25,8 @@ def test_kmeans_recovers_separated_clusters():
     x = torch.cat([c + 0.05 * torch.randn(50, 4, generator=g) for c in centres])
     c = kmeans(x, 3, seed=1)
     assign = (torch.nn.functional.normalize(x, dim=1) @ c.T).argmax(1)
-    # every true group maps to a single, distinct cluster
     groups = [set(assign[i * 50 : (i + 1) * 50].tolist()) for i in range(3)]
-    assert all(len(gr) == 1 for gr in groups)
-    assert len(set.union(*groups)) == 3
+    assert all(len(gr) == 1 for gr in groups) and len(set.union(*groups)) == 3
 
 
 def test_kmeans_is_seeded():
@@ -39,62 +35,61 @@ def test_kmeans_is_seeded():
 
 
 def test_kmeans_needs_enough_samples():
-    with pytest.raises(ValueError, match="at least k=5"):
+    with pytest.raises(HPSegError, match="at least k=5"):
         kmeans(torch.randn(3, 2), 5)
 
 
-def test_aggregate_seeds_mean_and_sample_std():
-    per_seed = {
-        "seed-0": {"unsupervised": {"accuracy": 50.0, "miou": 20.0}},
-        "seed-1": {"unsupervised": {"accuracy": 54.0, "miou": 24.0}},
-        "seed-2": {"unsupervised": {"accuracy": 58.0, "miou": 22.0}},
-    }
-    agg = aggregate_seeds(per_seed)["unsupervised"]
-    assert agg["accuracy"] == pytest.approx(54.0) and agg["accuracy_std"] == pytest.approx(4.0)
-    assert agg["miou"] == pytest.approx(22.0) and agg["miou_std"] == pytest.approx(2.0)
-    assert agg["n_seeds"] == 3
-    text = format_table(aggregate_seeds(per_seed))
-    assert "54.00 ± 4.00" in text and "22.00 ± 2.00" in text
+def test_cluster_usage():
+    assert cluster_usage([10, 10, 10, 10]) == {"cluster_entropy": pytest.approx(1.0), "empty_clusters": 0}
+    used = cluster_usage([40, 0, 0, 0])
+    assert used["cluster_entropy"] == 0.0 and used["empty_clusters"] == 3
 
 
-def _protocol():
-    return protocol_block(
-        dataset="cocostuff27", split="val", n_images=10, eval_resolution=320, crf=True, n_clusters=30,
-        n_classes=27, matching="hungarian", checkpoint=None, backbone="dino_vits8", device="cpu",
-    )
+def _model() -> HPModel:
+    torch.manual_seed(0)
+    bb = backbone_from_arch(BackboneArch("dino_custom", 8, 32, 1, 1, (4, 4)))
+    return HPModel.create(bb, dim=8, n_classes=3, n_clusters=4).eval()
 
 
-def test_protocol_names_everything():
-    p = _protocol()
-    for key in ("dataset", "split", "n_images", "eval_resolution", "crop", "crf", "n_clusters", "n_classes",
-                "matching", "checkpoint_sha256", "hpseg_version", "torch_version"):
-        assert key in p
-    text = format_protocol(p)
-    assert "cocostuff27 / val (10 images)" in text and "CRF on" in text and "K=30" in text and "C=27" in text
+def _loader(labelled: bool) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    items = [{"img": torch.randn(3, 32, 32, generator=g),
+              "label": torch.randint(0, 3, (32, 32), generator=g) if labelled else torch.full((32, 32), -1)}
+             for _ in range(4)]
+    return DataLoader(items, batch_size=2)
 
 
-def test_colorize_marks_ignore_black():
-    lab = np.array([[0, 1], [-1, 5]])
-    rgb = colorize(lab, 3)
-    assert rgb.shape == (2, 2, 3)
-    assert (rgb[1, 0] == 0).all() and (rgb[1, 1] == 0).all()  # ignore and out-of-range
-    assert not (rgb[0, 0] == rgb[0, 1]).all()
-
-
-def test_write_results_files(tmp_path):
-    conf = torch.tensor([[5, 1], [0, 4]])
-    out = EvalOutput(
-        metrics={"unsupervised": {"accuracy": 90.0, "miou": 80.0, "iou": [83.3, 80.0], "assignment": [0, 1]},
-                 "linear": {"accuracy": 90.0, "miou": 80.0, "iou": [83.3, 80.0]}},
-        confusion={"unsupervised": conf, "linear": conf},
-        n_images=1,
-        gallery=[{"image": np.zeros((4, 4, 3), np.uint8), "label": np.zeros((4, 4), np.int64),
-                  "unsupervised": np.ones((4, 4), np.int64), "linear": np.ones((4, 4), np.int64)}],
-    )
-    doc = results_document(out, _protocol(), ["a", "b"])
-    write_results(tmp_path, doc, out, ["a", "b"])
+def test_evaluation_with_labels_scores_and_writes(tmp_path):
+    model = _model()
+    out = evaluate_model(model, _loader(True), CPU, n_gallery=2, per_cluster=2)
+    assert out.labelled and set(out.metrics) == {"unsupervised", "linear"}
+    assert len(out.metrics["unsupervised"].assignment) == 4 and sum(out.cluster_pixels) == 4 * 32 * 32
+    protocol = Protocol(dataset="synthetic", split="val", n_images=out.n_images, eval_resolution=32, crf=False,
+                        n_clusters=4, n_classes=3, matching="hungarian", backbone="dino_custom")
+    results = Results(protocol, ["a", "b", "c"], metrics=out.metrics,
+                      confusion={h: c.tolist() for h, c in out.confusion.items()})
+    write_results(tmp_path, results, out)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["metrics"]["unsupervised"]["miou"] == 80.0
-    assert saved["confusion"]["unsupervised"] == [[5, 1], [0, 4]]
+    assert saved["metrics"]["unsupervised"]["miou"] == pytest.approx(out.metrics["unsupervised"].miou)
     assert (tmp_path / saved["gallery"][0]["label"]).is_file()
     assert (tmp_path / "confusion_unsupervised.png").is_file() and (tmp_path / "predictions.png").is_file()
+    strips = [e for e in saved["cluster_gallery"] if "strip" in e]
+    assert strips and all((tmp_path / e["strip"]).is_file() for e in strips)
+
+
+def test_evaluation_without_labels_reports_no_nan(tmp_path):
+    model = _model()
+    out = evaluate_model(model, _loader(False), CPU, n_gallery=2, per_cluster=2)
+    assert not out.labelled and out.metrics == {} and out.confusion == {}
+    assert set(out.gallery[0]) == {"image", "unsupervised"}
+    protocol = Protocol(dataset="folder", split="val", n_images=out.n_images, eval_resolution=32, crf=False,
+                        n_clusters=4, n_classes=3, matching="hungarian", backbone="dino_custom", labelled=False)
+    write_results(tmp_path, Results(protocol, ["a", "b", "c"], diagnostics=cluster_usage(out.cluster_pixels)), out)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and json.loads(text)["cluster_gallery"]
+
+
+def test_gallery_maps_clusters_through_the_assignment():
+    out = evaluate_model(_model(), _loader(True), CPU, n_gallery=1)
+    assignment = np.asarray(out.metrics["unsupervised"].assignment)
+    assert set(np.unique(out.gallery[0]["unsupervised"])) <= set(assignment.tolist())

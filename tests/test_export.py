@@ -14,7 +14,8 @@ from hpseg.backbones import BackboneArch, backbone_from_arch
 from hpseg.cli import main
 from hpseg.errors import HPSegError
 from hpseg.export import export_model, run_exported
-from hpseg.model import HPModel, save_checkpoint
+from hpseg.checkpoint import save_checkpoint
+from hpseg.model import HPModel
 
 ONNX_MISSING = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
 SIZE = (40, 24)  # multiples of the patch size 8, not square, not the 32 px position grid
@@ -72,7 +73,7 @@ def test_export_timm_vit_with_registers(tmp_path: Path, fmt: str) -> None:
     )
     model = tiny_model(arch)
     size = (42, 28)
-    path = export_model(model, tmp_path / f"r.{fmt}", format=fmt, image_size=size)
+    path = export_model(model, tmp_path / f"r.{fmt}", format=fmt, image_size=size, head="linear")
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(run_exported(path, x, fmt), reference(model, x, "linear"), atol=1e-4, rtol=0)
 
@@ -90,6 +91,24 @@ def test_export_metadata(model: HPModel, tmp_path: Path) -> None:
         and meta["class_names"] == ["a", "b", "c"]
     )
     assert meta["output_names"] == [f"cluster {k}" for k in range(4)]
+
+
+def test_onnx_axes_and_default_head(model: HPModel, tmp_path: Path) -> None:
+    needs("onnx")
+    import onnx
+
+    from hpseg.segmenter import DEFAULT_HEAD
+
+    path = export_model(model, tmp_path / "m.onnx", image_size=SIZE)  # default head: the segmenter's
+    graph = onnx.load(str(path)).graph
+
+    def dims(v: onnx.ValueInfoProto) -> list:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    assert DEFAULT_HEAD == "cluster" and json.loads(
+        {p.key: p.value for p in onnx.load(str(path)).metadata_props}["hpseg"])["head"] == DEFAULT_HEAD
+    assert dims(graph.input[0]) == ["batch", 3, *SIZE]
+    assert dims(graph.output[0]) == ["batch", 4, *SIZE]  # K clusters; height and width fixed at export
 
 
 def test_export_rejects_sizes_off_the_patch_grid(model: HPModel, tmp_path: Path) -> None:

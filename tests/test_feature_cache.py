@@ -15,7 +15,8 @@ from hpseg.backbones import build_backbone
 from hpseg.errors import HPSegError
 from hpseg.feature_cache import ATTN_FILE, FEATS_FILE, MANIFEST, CachedFeatures, cache_bytes_per_image
 from hpseg.model import HPModel
-from hpseg.train import HPObjective, LossWeights, backbone_outputs, collect_pool
+from hpseg.runtime import Runtime
+from hpseg.train import HiddenPositiveLoss, HPObjective, ReferencePools, backbone_outputs
 
 RES = 32  # 4×4 patches of 8 px
 
@@ -102,18 +103,18 @@ def test_cached_step_matches_uncached(backbone, tiny_backbone_file, tmp_path):
     with_cache = default_collate(
         [{**it, **{k: cached[i][k] for k in ("feats", "attn_logits")}} for i, it in enumerate(items)]
     )  # same img_aug draw in both
-    dev = torch.device("cpu")
-    outs = [backbone_outputs(model, b, dev, amp=False, need_aug=True) for b in (plain, with_cache)]
+    cpu = Runtime.create("cpu", "fp32")
+    outs = [backbone_outputs(model, b, cpu, need_aug=True) for b in (plain, with_cache)]
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, atol=5e-3, rtol=2e-3)
 
-    objective = HPObjective(model, LossWeights(rho=1.0)).train()
+    objective = HPObjective(model, HiddenPositiveLoss(0.8, 1.0), alpha=0.05, sigma=28.0).train()
     pools = []
     for batch in (plain, with_cache):  # pools from a loader of either kind
         torch.manual_seed(1)
-        g = torch.Generator().manual_seed(2)
-        pa = collect_pool(model, [batch], 4, dev, which="agnostic", dropout=0.1, amp=False, generator=g)
-        ps = collect_pool(model, [batch], 4, dev, which="specific", dropout=0.1, amp=False, generator=g)
+        ref = ReferencePools(4, 0.1, torch.Generator().manual_seed(2))
+        pa = ref.collect(model, [batch], cpu, "agnostic")
+        ps = ref.collect(model, [batch], cpu, "specific")
         pools.append((pa, ps))
     for a, b in zip(*pools):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,10 +24,8 @@ def _rename(key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def golden_heads(golden_dir: Path, load_golden) -> tuple[SegmentationHead, EMAHead, dict]:
-    path = golden_dir / "hp_ckpt_small.pth"
-    if not path.is_file():
-        pytest.skip(f"golden file {path.name} not found in {golden_dir}")
+def golden_heads(golden_file, load_golden) -> tuple[SegmentationHead, EMAHead, dict]:
+    path = golden_file("hp_ckpt_small.pth")
     net = torch.load(path, map_location="cpu", weights_only=True)["net_model_state_dict"]
     g = load_golden("featurizer_small.pt")
     head = SegmentationHead(384, g["dim"])

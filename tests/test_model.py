@@ -12,15 +12,13 @@ import torch.nn.functional as F
 
 from hpseg.backbones import BackboneArch, backbone_from_arch, build_backbone
 from hpseg.errors import HPSegError
-from hpseg.model import HPModel, ModelSpec, convert_authors_checkpoint, load_model, save_checkpoint
+from hpseg.checkpoint import convert_authors_checkpoint, load_model, save_checkpoint
+from hpseg.model import HPModel, ModelSpec
 
 
 @pytest.fixture(scope="module")
-def authors_ckpt(golden_dir: Path) -> Path:
-    path = golden_dir / "hp_ckpt_small.pth"
-    if not path.is_file():
-        pytest.skip(f"golden file {path.name} not found in {golden_dir}")
-    return path
+def authors_ckpt(golden_file) -> Path:
+    return golden_file("hp_ckpt_small.pth")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +51,8 @@ def test_authors_checkpoint_loads_with_weights_only(authors_ckpt: Path) -> None:
 
 def test_authors_checkpoint_spec(authors_model: HPModel) -> None:
     s = authors_model.spec
-    assert (s.embed_dim, s.depth, s.num_heads, s.patch_size, tuple(s.pos_grid)) == (384, 2, 6, 8, (8, 8))
+    a = s.arch
+    assert (a.embed_dim, a.depth, a.num_heads, a.patch_size, tuple(a.pos_grid)) == (384, 2, 6, 8, (8, 8))
     assert (s.dim, s.n_classes, s.n_clusters) == (32, 5, 5)
     assert authors_model.class_names == [f"class {i}" for i in range(5)]
     assert not authors_model.training and not authors_model.backbone.training
@@ -152,7 +151,7 @@ def test_round_trip_of_a_timm_backbone_with_registers(tmp_path: Path) -> None:
         timm_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3},
     )
     model = HPModel.create(bb, dim=8, n_classes=2).eval()
-    assert model.spec.num_registers == 4 and not model.spec.dino_family
+    assert model.spec.arch.num_registers == 4 and not model.spec.arch.dino_family
     loaded = load_model(save_checkpoint(tmp_path / "reg.pt", model))
     x = torch.randn(1, 3, 28, 42)
     with torch.no_grad():
@@ -163,7 +162,7 @@ def test_round_trip_of_a_timm_backbone_with_registers(tmp_path: Path) -> None:
 
 
 def test_reserved_extra_keys_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(HPSegError, match="reserved"):
         save_checkpoint(tmp_path / "x.pt", tiny_model(), extra={"state_dict": {}})
     assert not (tmp_path / "x.pt").exists()
 
@@ -184,7 +183,7 @@ def test_create_defaults_and_spec_dict() -> None:
     bb = backbone_from_arch(BackboneArch("dino_custom", 8, 64, 1, 1, (2, 2)))
     model = HPModel.create(bb, dim=4, n_classes=2)
     assert model.spec.n_clusters == 2 and model.class_names == ["class 0", "class 1"]
-    assert model.linear_probe_classes() == 2
+    assert model.n_classes == 2 and model.n_clusters == 2
     assert ModelSpec.from_dict({**model.spec.to_dict(), "future_field": 1}) == model.spec
     with pytest.raises(HPSegError, match="class names"):
         HPModel.create(bb, dim=4, n_classes=2, class_names=["only one"])
@@ -218,7 +217,7 @@ def test_authors_checkpoint_options(authors_ckpt: Path, caplog: pytest.LogCaptur
     with caplog.at_level("WARNING", logger="hpseg.backbones"):
         relabelled = load_model(authors_ckpt, backbone="dino_vitb8")  # the weights are 384-wide
     assert "768-wide" in caplog.text
-    assert relabelled.spec.backbone == "dino_custom" and relabelled.spec.embed_dim == 384
+    assert relabelled.spec.backbone == "dino_custom" and relabelled.spec.arch.embed_dim == 384
 
 
 # ------------------------------------------------------------------------------------------

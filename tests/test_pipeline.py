@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpseg.config import build_config
-from hpseg.model import load_model
+from hpseg.checkpoint import load_model
 from hpseg.pipeline import evaluate_path, run_training
 
 TINY = [
@@ -31,7 +31,7 @@ def test_seeds_run_and_aggregate(tmp_path, tiny_backbone_file, capsys):
     cfg = build_config("synthetic", [*TINY, "data.resolution=32", "data.eval_resolution=32",
                                      f"model.weights={tiny_backbone_file}", "model.backbone=dino_vits8",
                                      "seeds=[0,1]", f"train.out_dir={tmp_path / 'run'}"])
-    folders = run_training(cfg)
+    folders = run_training(cfg).folders
     assert [f.name for f in folders] == ["seed-0", "seed-1"]
     for f in folders:
         saved = (f / "config.yaml").read_text()
@@ -43,15 +43,15 @@ def test_seeds_run_and_aggregate(tmp_path, tiny_backbone_file, capsys):
     report = evaluate_path(tmp_path / "run")
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(doc["seeds"]) == {"seed-0", "seed-1"}
-    agg = doc["aggregate"]["unsupervised"]
+    agg = doc["metrics"]["unsupervised"]  # multi-seed: the mean ± std over seeds
     vals = [doc["seeds"][s]["unsupervised"]["miou"] for s in ("seed-0", "seed-1")]
     assert agg["miou"] == pytest.approx(sum(vals) / 2)
     assert agg["miou_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
-    assert "[seed-0]" in report.text and "[mean ± std]" in report.text and "±" in report.text
+    assert "[seed-0]" in report.summary() and "[mean ± std]" in report.summary() and "±" in report.summary()
     protocol = doc["protocol"]
     assert protocol["dataset"] == "synthetic" and protocol["n_classes"] == 3 and protocol["n_clusters"] == 3
     assert set(protocol["checkpoints"]) == {"seed-0", "seed-1"}
-    assert "protocol: synthetic" in report.text
+    assert "protocol: synthetic" in report.summary()
 
 
 def test_overclustering_reports_assignment(tmp_path, tiny_backbone_file):
@@ -63,11 +63,11 @@ def test_overclustering_reports_assignment(tmp_path, tiny_backbone_file):
     assert model.cluster_probe.clusters.shape[0] == 6
     for matching in ("hungarian", "majority"):
         rep = evaluate_path(tmp_path / "run" / "best.pt", [f"eval.matching={matching}"], out_dir=tmp_path / matching)
-        m = rep.document["metrics"]["unsupervised"]
+        m = rep.metrics["unsupervised"].to_dict()
         assert len(m["assignment"]) == 6
         if matching == "hungarian":  # one-to-one: 3 clusters stay unmatched
             assert sorted(m["assignment"]).count(-1) == 3
-        assert rep.document["protocol"]["n_clusters"] == 6 and matching in rep.document["protocol"]["matching"]
+        assert rep.protocol.n_clusters == 6 and matching in rep.protocol.matching
 
 
 def test_dinov2_with_registers_end_to_end(tmp_path):
@@ -85,7 +85,7 @@ def test_dinov2_with_registers_end_to_end(tmp_path):
     pred = model.predict(images, size=(56, 56))
     assert pred["linear"].shape == (2, 3, 56, 56) and pred["cluster"].shape == (2, 3, 56, 56)
     rep = evaluate_path(tmp_path / "run" / "best.pt", out_dir=tmp_path / "eval")
-    assert rep.document["protocol"]["backbone"] == "vit_small_patch14_reg4_dinov2"
+    assert rep.protocol.backbone == "vit_small_patch14_reg4_dinov2"
     # segment an image whose size is not a multiple of 14, larger than the training window
     from hpseg import Segmenter
 

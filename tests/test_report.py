@@ -16,7 +16,8 @@ from PIL import Image
 
 from hpseg.cli import main
 from hpseg.errors import HPSegError
-from hpseg.evaluate import EvalOutput, protocol_block, results_document, write_results
+from hpseg.evaluate import EvalOutput, write_results
+from hpseg.results import HeadScore, Protocol, Results
 from hpseg.report import write_report
 
 CLASSES = ["sky", "<b>tree & bush</b>", "road"]  # markup in a name must come out as text
@@ -37,13 +38,8 @@ def _results_folder(folder: Path) -> Path:
     ]
     output = EvalOutput(
         metrics={
-            "unsupervised": {
-                "accuracy": 61.25,
-                "miou": 30.5,
-                "iou": [50.0, 10.0, float("nan")],
-                "assignment": [0, 2, 1, -1],
-            },
-            "linear": {"accuracy": 70.0, "miou": 40.0, "iou": [60.0, 35.0, 25.0]},
+            "unsupervised": HeadScore(61.25, 30.5, [50.0, 10.0, float("nan")], [0, 2, 1, -1]),
+            "linear": HeadScore(70.0, 40.0, [60.0, 35.0, 25.0]),
         },
         confusion={
             "unsupervised": torch.tensor([[5, 1, 0], [0, 0, 4], [1, 3, 0], [2, 2, 2]]),
@@ -51,22 +47,15 @@ def _results_folder(folder: Path) -> Path:
         },
         n_images=4,
         gallery=gallery,
+        cluster_pixels=[10, 5, 0, 1],
+        cluster_examples=[[rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)], [], [], []],
     )
-    protocol = protocol_block(
-        dataset="synthetic",
-        split="val",
-        n_images=4,
-        eval_resolution=16,
-        crf=False,
-        n_clusters=4,
-        n_classes=3,
-        matching="hungarian",
-        checkpoint=None,
-        backbone="dino_custom",
-        device="cpu",
-    )
-    doc = results_document(output, protocol, CLASSES)
-    write_results(folder, doc, output, CLASSES)
+    protocol = Protocol(dataset="synthetic", split="val", n_images=4, eval_resolution=16, crf=False, n_clusters=4,
+                        n_classes=3, matching="hungarian", backbone="dino_custom")
+    results = Results(protocol, CLASSES, metrics=output.metrics,
+                      confusion={h: c.tolist() for h, c in output.confusion.items()},
+                      diagnostics={"positive_precision_agnostic": 0.8, "kmeans_code_miou": 33.0})
+    write_results(folder, results, output)
     return folder
 
 
@@ -75,7 +64,7 @@ def results_dir(tmp_path_factory) -> Path:
     return _results_folder(tmp_path_factory.mktemp("eval"))
 
 
-N_IMAGES = 2 + 4 * N_GALLERY  # two confusion PNGs + four pictures per gallery row
+N_IMAGES = 2 + 1 + 4 * N_GALLERY  # two confusion PNGs + one cluster strip + four pictures per gallery row
 
 
 def test_report_is_self_contained_and_escaped(results_dir: Path) -> None:
@@ -112,7 +101,7 @@ def test_report_can_reference_images_by_relative_path(results_dir: Path, tmp_pat
 def test_report_cli_and_missing_results(results_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["report", str(results_dir), "--out", str(tmp_path / "x.html")]) == 0
     assert (tmp_path / "x.html").is_file()
-    with pytest.raises(HPSegError, match="hpseg evaluate RUN --out DIR"):
+    with pytest.raises(HPSegError, match="hpseg evaluate"):
         write_report(tmp_path / "nothing-here")
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "no results.json" in capsys.readouterr().err
@@ -125,7 +114,7 @@ def test_multi_seed_report(tmp_path: Path) -> None:
             "seed-0": {"unsupervised": {"accuracy": 50.0, "miou": 20.0, "iou": [10.0, 30.0]}},
             "seed-1": {"unsupervised": {"accuracy": 54.0, "miou": 24.0, "iou": [20.0, float("nan")]}},
         },
-        "aggregate": {
+        "metrics": {
             "unsupervised": {
                 "accuracy": 52.0,
                 "accuracy_std": 2.83,

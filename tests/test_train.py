@@ -9,9 +9,10 @@ import torch
 
 from hpseg.config import build_config
 from hpseg.errors import HPSegError
-from hpseg.model import load_model
+from hpseg.checkpoint import load_model
+from hpseg.data.sampler import EpochSampler, SeededItems
 from hpseg.pipeline import evaluate_path, train_one
-from hpseg.train import EpochSampler, probe_cross_entropy, selection_score
+from hpseg.train import probe_cross_entropy, selection_score
 
 TINY = [
     "data.synthetic_train_images=12",
@@ -49,9 +50,10 @@ def test_epoch_sampler_resumes_mid_epoch():
     s = EpochSampler(10, batch_size=3, seed=1)
     s.set_epoch(2)
     full = list(s)
-    assert len(full) == 9 and len(set(full)) == 9  # 3 full batches, incomplete one dropped
+    indices = [i for i, _ in full]
+    assert len(full) == 9 and len(set(indices)) == 9  # 3 full batches, incomplete one dropped
     s.set_epoch(2, start_batch=1)
-    assert list(s) == full[3:]
+    assert list(s) == full[3:]  # same items and the same augmentation seeds
     s.set_epoch(3)
     assert list(s) != full
 
@@ -59,7 +61,25 @@ def test_epoch_sampler_resumes_mid_epoch():
 def test_epoch_sampler_splits_ranks():
     a = EpochSampler(12, 2, seed=0, rank=0, world=2)
     b = EpochSampler(12, 2, seed=0, rank=1, world=2)
-    assert not set(a) & set(b) and len(list(a)) == len(list(b)) == 6
+    ia, ib = {i for i, _ in a}, {i for i, _ in b}
+    assert not ia & ib and len(ia) == len(ib) == 6
+
+
+def test_seeded_items_make_augmentation_a_function_of_the_seed():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(2) + i
+
+    ds = SeededItems(Noisy())
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = ds[(1, 123)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.rand(5)  # whatever happened before does not matter
+    assert torch.equal(ds[(1, 123)], a) and not torch.equal(ds[(1, 124)], a)
 
 
 def test_probe_loss_ignores_unlabelled_pixels():
@@ -100,11 +120,11 @@ def test_train_interrupt_resume_evaluate(tiny_cfg, tmp_path):
 
     model = load_model(run / "best.pt")
     assert model.class_names and len(model.class_names) == 3
-    report = evaluate_path(run / "best.pt", out_dir=tmp_path / "eval")
-    m = report.document["metrics"]
-    assert 0.0 <= m["unsupervised"]["accuracy"] <= 100.0 and 0.0 <= m["linear"]["miou"] <= 100.0
-    assert report.document["protocol"]["n_images"] == 4
-    assert "protocol:" in report.text and (tmp_path / "eval" / "results.json").is_file()
+    results = evaluate_path(run / "best.pt", out_dir=tmp_path / "eval")
+    m = results.metrics
+    assert 0.0 <= m["unsupervised"].accuracy <= 100.0 and 0.0 <= m["linear"].miou <= 100.0
+    assert results.protocol.n_images == 4
+    assert "protocol:" in results.summary() and (tmp_path / "eval" / "results.json").is_file()
 
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):

@@ -12,41 +12,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hpseg.errors import HPSegError
+import numpy as np
+
 from hpseg.io import atomic_write_text
+from hpseg.results import HeadScore, Results, find_results
+from hpseg.viz import new_figure, save_figure
+
+__all__ = ["PROTOCOL_KEYS", "compare_runs", "load_rows", "protocol_differences"]
 
 #: protocol fields that must agree for figures to be comparable
-PROTOCOL_KEYS = ("dataset", "split", "n_images", "eval_resolution", "crf", "n_clusters", "n_classes", "matching")
+PROTOCOL_KEYS = ("dataset", "split", "n_images", "eval_resolution", "crf", "n_clusters", "n_classes", "matching",
+                 "cluster_probe")
 
 
-def find_results(path: Path) -> Path:
-    """The ``results.json`` for a file or run folder.
-
-    Raises:
-        HPSegError: nothing evaluated there yet.
-    """
-    if path.is_file():
-        return path
-    for candidate in (path / "results.json", path / "eval" / "results.json"):
-        if candidate.is_file():
-            return candidate
-    raise HPSegError(f"no results.json in {path}: run `hpseg evaluate {path}` first")
-
-
-def load_rows(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
-    """(run name, protocol, {head: metrics}) of one evaluated run (aggregate for multi-seed)."""
-    results = find_results(path)
-    doc = json.loads(results.read_text())
+def load_rows(path: Path) -> tuple[str, dict[str, Any], dict[str, HeadScore]]:
+    """(run name, protocol, {head: score}) of one evaluated run (mean ± std for multi-seed)."""
+    results_file = find_results(path)
+    results = Results.read(results_file)
     name = path.name if path.is_dir() else path.parent.name
     if name == "eval":
-        name = path.parent.name
-    metrics = doc.get("aggregate") or doc.get("metrics") or {}
-    if "hp" in metrics:  # demo layout: {"hp": {...}, "baseline": {...}}
-        metrics = {"unsupervised": metrics["hp"]["unsupervised"], "linear": metrics["hp"]["linear"],
-                   "k-means baseline": metrics["baseline"]["unsupervised"]}
-    if doc.get("baseline"):
-        metrics = {**metrics, "k-means baseline": doc["baseline"]["unsupervised"]}
-    return name, doc.get("protocol", {}), metrics
+        name = path.parent.name if path.is_dir() else path.parent.parent.name
+    return name, results.protocol.to_dict(), results.rows()
 
 
 def protocol_differences(protocols: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -62,62 +48,45 @@ def protocol_differences(protocols: list[dict[str, Any]]) -> dict[str, list[Any]
 def compare_runs(paths: list[Path], out: Path | None = None) -> str:
     """A text table of every run's accuracy/mIoU per head; writes compare.json/.png to ``out``."""
     runs = [load_rows(p) for p in paths]
-    heads = []
-    for _, _, metrics in runs:
-        heads += [h for h in metrics if h not in heads]
+    heads: list[str] = []
+    for _, _, rows in runs:
+        heads += [h for h in rows if h not in heads]
     diffs = protocol_differences([p for _, p, _ in runs])
-
-    def cell(m: dict[str, Any] | None, key: str) -> str:
-        if not m:
-            return "-"
-        if f"{key}_std" in m:
-            return f"{m[key]:.2f}±{m[key + '_std']:.2f}"
-        return f"{m[key]:.2f}"
-
     width = max(12, *(len(n) for n, _, _ in runs))
     lines = [f"{'head':<22}" + "".join(f"{name:>{width + 2}}" for name, _, _ in runs)]
     for head in heads:
         for key, label in (("accuracy", "acc"), ("miou", "mIoU")):
-            row = f"{head + ' ' + label:<22}"
-            row += "".join(f"{cell(metrics.get(head), key):>{width + 2}}" for _, _, metrics in runs)
-            lines.append(row)
+            cells = [rows[head].cell(key).strip() if head in rows else "-" for _, _, rows in runs]
+            lines.append(f"{head + ' ' + label:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    lines.append("")
     if diffs:
-        lines.append("")
         lines.append("WARNING: protocols differ — these figures are not directly comparable:")
         for key, values in diffs.items():
             lines.append(f"  {key}: " + " | ".join(f"{n}={v}" for (n, _, _), v in zip(runs, values)))
     else:
-        lines.append("")
         lines.append("protocols agree on: " + ", ".join(PROTOCOL_KEYS))
     text = "\n".join(lines)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"runs": [{"name": n, "protocol": p, "metrics": m} for n, p, m in runs], "protocol_differences": diffs}
+        doc = {"runs": [{"name": n, "protocol": p, "metrics": {h: s.to_dict() for h, s in rows.items()}}
+                        for n, p, rows in runs], "protocol_differences": diffs}
         atomic_write_text(out / "compare.json", json.dumps(doc, indent=2))
-        _plot(runs, heads, out / "compare.png", bool(diffs))
+        save_figure(_figure(runs, heads, bool(diffs)), out / "compare.png")
     return text
 
 
-def _plot(runs: list[tuple[str, dict[str, Any], dict[str, dict[str, Any]]]], heads: list[str], path: Path,
-          flagged: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(runs), 3.6))
+def _figure(runs: list[tuple[str, dict[str, Any], dict[str, HeadScore]]], heads: list[str], flagged: bool) -> Any:
+    fig = new_figure(4 + 1.6 * len(runs), 3.6)
+    axes = fig.subplots(1, 2)
     width = 0.8 / max(1, len(heads))
+    x = np.arange(len(runs))
     for ax, key, title in ((axes[0], "accuracy", "pixel accuracy %"), (axes[1], "miou", "mIoU %")):
         for i, head in enumerate(heads):
-            vals = [m.get(head, {}).get(key, np.nan) for _, _, m in runs]
-            errs = [m.get(head, {}).get(f"{key}_std", 0.0) for _, _, m in runs]
-            ax.bar(np.arange(len(runs)) + i * width, vals, width, yerr=errs, label=head, capsize=2)
-        ax.set_xticks(np.arange(len(runs)) + width * (len(heads) - 1) / 2, [n for n, _, _ in runs], fontsize=8)
+            vals = [getattr(rows[head], key) if head in rows else np.nan for _, _, rows in runs]
+            errs = [(getattr(rows[head], f"{key}_std") or 0.0) if head in rows else 0.0 for _, _, rows in runs]
+            ax.bar(x + i * width, vals, width, yerr=errs, label=head, capsize=2)
+        ax.set_xticks(x + width * (len(heads) - 1) / 2, [n for n, _, _ in runs], fontsize=8)
         ax.set_title(title + ("  (protocols differ!)" if flagged else ""), fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig

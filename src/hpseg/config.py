@@ -25,7 +25,13 @@ import yaml
 
 from hpseg.errors import HPSegError
 
+#: dataset names (the registry of readers is :mod:`hpseg.data`; kept here so that reading a
+#: configuration needs no torch)
 DATASETS = ("cocostuff27", "cityscapes27", "potsdam3", "folder", "synthetic")
+#: the datasets of the paper, with fixed classes and official layouts
+PAPER_DATASETS = ("cocostuff27", "cityscapes27", "potsdam3")
+#: numeric precisions of ``train.precision`` (see :mod:`hpseg.runtime`)
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 
 @dataclass
@@ -77,7 +83,8 @@ class LossConfig:
     ema_m: float = 0.99
     sigma: float = 28.0  # local propagation scale
     reweight: bool = True
-    chunk_images: int = 8  # anchor images per chunk of the loss (memory bound)
+    memory_gb: float | None = None  # memory budget of the loss's similarity blocks (None: sized for the device)
+    chunk_images: int | None = None  # anchor images per chunk of the loss; None: from memory_gb
 
 
 @dataclass
@@ -93,13 +100,13 @@ class TrainConfig:
     lr_linear: float = 1e-3
     lr_cluster: float = 5e-3
     grad_clip: float = 10.0
-    amp: bool = True  # mixed precision where the device supports it (CUDA); fp32 on CPU
+    precision: str = "auto"  # fp16 | bf16 | fp32 | auto (bf16 where supported, else fp16); CUDA only
     valid_freq: int = 100  # validate every N iterations (and at the end of each epoch)
     log_freq: int = 25
     seed: int = 0
     seeds: list[int] | None = None  # one run per seed into RUN/seed-<n>/
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
-    out_dir: str = "runs/hp"
+    out_dir: str | None = None  # None: runs/<dataset> (runs/<folder name> for image folders)
     cache_features: bool = False  # precompute frozen backbone outputs of un-augmented images
     progress: bool = True
 
@@ -112,6 +119,8 @@ class EvalConfig:
     batch_size: int = 16
     matching: str = "hungarian"  # hungarian | majority (cluster → class assignment)
     n_gallery: int = 6  # images in the prediction grid / HTML report
+    cluster_refit: bool = False  # also score the cluster probe refitted by k-means on training code
+    gallery_per_cluster: int = 6  # example regions per cluster in the cluster gallery
 
 
 @dataclass
@@ -144,7 +153,11 @@ ALIASES = {
     "out": "train.out_dir",
     "device": "train.device",
     "crf": "eval.crf",
+    "precision": "train.precision",
 }
+
+#: keys of older versions, translated on the way in (old checkpoints store their configuration)
+LEGACY = {"train.amp": ("train.precision", lambda v: "auto" if v in (True, "true", "True", "1", 1) else "fp32")}
 
 
 def available_presets() -> list[str]:
@@ -223,6 +236,9 @@ def _section_types(section: Any) -> dict[str, Any]:
 
 def _set(cfg: Config, dotted: str, raw: Any, *, parse: bool) -> None:
     dotted = ALIASES.get(dotted, dotted)
+    if dotted in LEGACY:
+        dotted, translate = LEGACY[dotted]
+        raw = translate(raw)
     parts = dotted.split(".")
     sections = {f.name for f in fields(Config) if f.name != "preset"}
     if len(parts) != 2 or parts[0] not in sections:
@@ -295,26 +311,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Check settings that would otherwise fail deep inside training."""
+    """Check settings that would otherwise fail deep inside training (not the data root: a
+    configuration can be printed before the data exists; see :func:`require_data_root`)."""
     d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
     if d.dataset not in DATASETS:
         raise HPSegError(f"data.dataset={d.dataset!r} is unknown: use one of {', '.join(DATASETS)}")
-    if d.dataset not in ("synthetic",) and not d.root:
-        raise HPSegError(f"data.root is not set: add data.root=DIR (the folder that holds the {d.dataset} data)")
     checks = [
         (t.batch_size >= 2, "train.batch_size must be at least 2 (positives are mined across images)"),
         (t.epochs >= 1, "train.epochs must be at least 1"),
+        (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
         (0.0 < lo.tau, "loss.tau must be positive"),
         (0.0 <= lo.rho <= 1.0, "loss.rho must lie in [0, 1]"),
         (0.0 <= lo.ema_m <= 1.0, "loss.ema_m must lie in [0, 1]"),
         (lo.pool_size >= 1, "loss.pool_size must be at least 1"),
         (lo.renew_interval >= 1, "loss.renew_interval must be at least 1"),
-        (lo.chunk_images >= 1, "loss.chunk_images must be at least 1"),
+        (lo.chunk_images is None or lo.chunk_images >= 1, "loss.chunk_images must be at least 1"),
+        (lo.memory_gb is None or lo.memory_gb > 0, "loss.memory_gb must be positive"),
         (m.dim >= 1, "model.dim must be at least 1"),
         (m.n_clusters is None or m.n_clusters >= 1, "model.n_clusters must be at least 1"),
+        (0.0 <= m.dropout < 1.0, "model.dropout must lie in [0, 1)"),
         (d.resolution >= 8 and d.eval_resolution >= 8, "data.resolution must be at least 8 pixels"),
         (e.matching in ("hungarian", "majority"), "eval.matching must be hungarian or majority"),
         (t.max_iters is None or t.max_iters >= 1, "train.max_iters must be at least 1"),
+        (t.valid_freq >= 1 and t.log_freq >= 1, "train.valid_freq and train.log_freq must be at least 1"),
         (d.interpolation in ("bilinear", "bicubic", "nearest"), "data.interpolation must be bilinear, bicubic or nearest"),
     ]
     for ok, message in checks:
@@ -322,11 +341,30 @@ def validate(cfg: Config) -> None:
             raise HPSegError(message)
 
 
+def require_data_root(cfg: Config) -> None:
+    """Raise :class:`HPSegError` when the dataset needs ``data.root`` and it is not set."""
+    if cfg.data.dataset != "synthetic" and not cfg.data.root:
+        raise HPSegError(
+            f"data.root is not set: add data.root=DIR (the folder that holds the {cfg.data.dataset} data)"
+        )
+
+
+def run_dir(cfg: Config) -> Path:
+    """``train.out_dir``, or ``runs/<folder name>`` for image folders and ``runs/<dataset>`` otherwise."""
+    if cfg.train.out_dir:
+        return Path(cfg.train.out_dir)
+    if cfg.data.dataset == "folder" and cfg.data.root:
+        name = Path(cfg.data.root).expanduser().resolve().name or "folder"
+        return Path("runs") / name
+    return Path("runs") / cfg.data.dataset
+
+
 def describe(cfg: Config) -> str:
     """One-line summary for logs."""
     return (
         f"{cfg.data.dataset} · {cfg.model.backbone} · D={cfg.model.dim} · batch {cfg.train.batch_size} · "
-        f"τ={cfg.loss.tau} ρ={cfg.loss.rho} α={cfg.loss.alpha} · seed {cfg.train.seed}"
+        f"τ={cfg.loss.tau} ρ={cfg.loss.rho} α={cfg.loss.alpha} · precision {cfg.train.precision} · "
+        f"seed {cfg.train.seed}"
     )
 
 
@@ -343,5 +381,7 @@ __all__ = [
     "config_from_dict",
     "describe",
     "load_preset",
+    "require_data_root",
+    "run_dir",
     "validate",
 ]

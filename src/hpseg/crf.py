@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.errors import HPSegError
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: dense_crf's keyword defaults (the authors' settings)
 CRF_DEFAULTS: dict[str, float] = {
@@ -38,7 +37,9 @@ CRF_DEFAULTS: dict[str, float] = {
     "bi_w": 4.0,
 }
 
-MISSING_MESSAGE = "dense CRF needs pydensecrf2: pip install 'hpseg[crf]' (or run without CRF: eval.crf=false)"
+MISSING_MESSAGE = (
+    "dense CRF needs pydensecrf2: pip install 'hpseg[crf]' (or run without CRF: eval.crf=false, no --crf)"
+)
 
 
 def _import_densecrf() -> tuple[Any, Any]:
@@ -49,6 +50,11 @@ def _import_densecrf() -> tuple[Any, Any]:
     except ImportError as exc:  # absent, or a compiled extension that fails to load
         raise HPSegError(MISSING_MESSAGE) from exc
     return dcrf, dcrf_utils
+
+
+def require_crf() -> None:
+    """Raise :class:`HPSegError` (with the install command) unless the dense CRF can run."""
+    _import_densecrf()
 
 
 def crf_available() -> bool:

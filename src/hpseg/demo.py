@@ -1,12 +1,13 @@
 """``hpseg demo``: HP on embedded synthetic scenes versus its own k-means baseline.
 
 No download and no GPU: the scenes are generated from a seed (:mod:`hpseg.data.synthetic`) and
-the backbone is ``hpseg_demo_vit``, a tiny ViT pretrained by a short DINO-style run on other
-synthetic scenes (``scripts/pretrain_demo_backbone.py``; weights shipped in the package).
+the backbone is ``hpseg_demo_vit``, a tiny ViT pretrained without labels on other synthetic
+scenes (``scripts/pretrain_demo_backbone.py``; weights shipped in the package).
 
-The results folder holds ``metrics.json`` (``{"hp": {"unsupervised", "linear"},
-"baseline": {"unsupervised"}}``, percentages), ``results.json`` (with the protocol),
-``predictions.png`` (image | ground truth | HP | baseline), ``training_curve.png`` and the run.
+The results folder holds ``metrics.json`` (``{"hp": {"unsupervised", "linear"}, "baseline":
+{"unsupervised"}, "margin_miou"}``, percentages), ``predictions.png`` (image | ground truth | HP
+| baseline, scores in the column titles), ``training_curve.png``, the standard evaluation
+folder ``eval/`` (``hpseg report OUT/eval``) and the training run ``run/``.
 """
 
 from __future__ import annotations
@@ -15,25 +16,22 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpseg.checkpoint import load_model
 from hpseg.config import build_config
-from hpseg.evaluate import (
-    evaluate_model,
-    format_protocol,
-    format_table,
-    protocol_block,
-    results_document,
-    save_gallery_png,
-    write_results,
-)
+from hpseg.evaluate import cluster_usage, evaluate_model, write_results
 from hpseg.io import atomic_write_text
-from hpseg.model import load_model
-from hpseg.pipeline import baseline_for, build_val_set, eval_loader, train_one
-from hpseg.runtime import resolve_device
+from hpseg.pipeline import baseline_for, build_runtime, build_val_set, eval_loader, protocol_for, train_one
+from hpseg.report import write_report
+from hpseg.results import HeadScore, Results, format_diagnostics, format_table
+from hpseg.viz import gallery_figure, save_figure
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DemoResult", "run_demo"]
 
 QUICK = [
     "data.synthetic_train_images=64",
@@ -45,77 +43,74 @@ QUICK = [
 ]
 
 
-def run_demo(out: Path, *, quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train HP on synthetic scenes, evaluate it and the k-means baseline, write the results folder.
+@dataclass
+class DemoResult:
+    """The demo's ``metrics.json`` document and the text it prints."""
 
-    Returns the ``metrics.json`` document.
-    """
+    metrics: dict[str, Any]
+    text: str
+
+
+def run_demo(out: Path, *, quick: bool = False, overrides: list[str] | None = None) -> DemoResult:
+    """Train HP on synthetic scenes, evaluate it and the k-means baseline, write the results folder."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
     cfg = build_config("synthetic", [*(QUICK if quick else []), *(overrides or []), f"train.out_dir={run_dir}"])
-    device = resolve_device(cfg.train.device)
-    log.info("demo: training HP on %d synthetic scenes (%s)", cfg.data.synthetic_train_images, device)
-    train_one(cfg, run_dir)
+    runtime = build_runtime(cfg, progress=False)
+    log.info("demo: training HP on %d synthetic scenes (%s)", cfg.data.synthetic_train_images, runtime.describe())
+    summary = train_one(cfg, run_dir, runtime)
 
-    model = load_model(run_dir / "best.pt").to(device).eval()
+    model = load_model(run_dir / "best.pt").to(runtime.device).eval()
     val_set = build_val_set(cfg)
     class_names = list(val_set.class_names)  # type: ignore[attr-defined]
-    loader = eval_loader(val_set, cfg)
     n_gallery = cfg.eval.n_gallery
-    hp = evaluate_model(model, loader, device, crf=False, matching=cfg.eval.matching, n_gallery=n_gallery,
-                        amp=cfg.train.amp)
-    k = int(model.cluster_probe.clusters.shape[0])
-    base = baseline_for(cfg, model.backbone, k, device, n_gallery=n_gallery)
+    hp = evaluate_model(model, eval_loader(val_set, cfg), runtime, matching=cfg.eval.matching, n_gallery=n_gallery,
+                        per_cluster=cfg.eval.gallery_per_cluster)
+    base = baseline_for(cfg, model.backbone, model.n_clusters, runtime, n_gallery=n_gallery)
+    hp_u, hp_lin, base_u = hp.metrics["unsupervised"], hp.metrics["linear"], base.metrics["unsupervised"]
+    margin = hp_u.miou - base_u.miou
+    diagnostics = {**((summary.get("best_metrics") or {}).get("diagnostics") or {}), **cluster_usage(hp.cluster_pixels)}
 
-    metrics = {
-        "hp": {
-            "unsupervised": _pick(hp.metrics["unsupervised"]),
-            "linear": _pick(hp.metrics["linear"]),
-        },
-        "baseline": {"unsupervised": _pick(base.metrics["unsupervised"])},
-    }
-    protocol = protocol_block(
-        dataset="synthetic", split=f"val (seed {cfg.data.synthetic_seed})", n_images=hp.n_images,
-        eval_resolution=cfg.data.eval_resolution, crf=False, n_clusters=k, n_classes=len(class_names),
-        matching=cfg.eval.matching, checkpoint=run_dir / "best.pt", backbone=cfg.model.backbone, device=device,
-    )
     rows = [{**h, "baseline": b["unsupervised"]} for h, b in zip(hp.gallery, base.gallery)]
-    save_gallery_png(
-        rows,
-        [("image", "image"), ("label", "ground truth"), ("unsupervised", "HP (clusters)"),
-         ("baseline", "k-means baseline")],
-        class_names,
-        out / "predictions.png",
-    )
-    # the standard evaluation folder too, so `hpseg report OUT/eval` works on the demo
-    doc = results_document(hp, protocol, class_names, extra={"baseline": base.metrics})
-    write_results(out / "eval", doc, hp, class_names)
+    columns = [("image", "image"), ("label", "ground truth"), ("unsupervised", "HP (cluster probe)"),
+               ("baseline", "k-means baseline")]
+    subtitles = {"unsupervised": f"mIoU {hp_u.miou:.1f} ({margin:+.1f})", "baseline": f"mIoU {base_u.miou:.1f}"}
+    save_figure(gallery_figure(rows, columns, class_names, subtitles=subtitles), out / "predictions.png", dpi=100)
+
+    protocol = protocol_for(cfg, runtime, hp, n_clusters=model.n_clusters, n_classes=len(class_names),
+                            backbone=cfg.model.backbone, checkpoint=run_dir / "best.pt")
+    protocol.split = f"{cfg.data.val_split} (scene seed {cfg.data.synthetic_seed})"
+    seconds = round(time.perf_counter() - start, 1)
+    results = Results(protocol, class_names, metrics=hp.metrics, baseline=base.metrics, diagnostics=diagnostics,
+                      confusion={h: c.tolist() for h, c in hp.confusion.items()},
+                      notes={"seconds": seconds, "quick": quick, "margin_miou": round(margin, 2)})
+    (out / "eval").mkdir(parents=True, exist_ok=True)
     if (run_dir / "training_curve.png").is_file():
         shutil.copyfile(run_dir / "training_curve.png", out / "training_curve.png")
+        shutil.copyfile(run_dir / "training_curve.png", out / "eval" / "training_curve.png")
+    write_results(out / "eval", results, hp)
+    write_report(out / "eval")
+    metrics = {
+        "hp": {"unsupervised": _pick(hp_u), "linear": _pick(hp_lin)},
+        "baseline": {"unsupervised": _pick(base_u)},
+        "margin_miou": round(margin, 2),
+        "diagnostics": diagnostics,
+        "seconds": seconds,
+    }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    seconds = round(time.perf_counter() - start, 1)
-    atomic_write_text(
-        out / "results.json",
-        json.dumps({"protocol": protocol, "class_names": class_names, "metrics": metrics,
-                    "hp_iou": hp.metrics["unsupervised"]["iou"], "baseline_iou": base.metrics["unsupervised"]["iou"],
-                    "seconds": seconds, "quick": quick}, indent=2),
-    )
-    print(format_protocol(protocol))
-    print()
-    print(format_table({
-        "HP (cluster probe)": metrics["hp"]["unsupervised"],
-        "k-means baseline": metrics["baseline"]["unsupervised"],
-        "HP (linear probe)": metrics["hp"]["linear"],
-    }))
-    hp_miou, base_miou = metrics["hp"]["unsupervised"]["miou"], metrics["baseline"]["unsupervised"]["miou"]
-    print()
-    print(f"unsupervised mIoU: HP {hp_miou:.2f}  vs  k-means baseline {base_miou:.2f}  "
-          f"({hp_miou - base_miou:+.2f})   [{seconds:.0f} s]")
-    print(f"results: {out}/ (metrics.json, predictions.png, training_curve.png); "
-          f"HTML report: hpseg report {out / 'eval'}")
-    return metrics
+    text = "\n".join([
+        protocol.describe(),
+        "",
+        format_table({"HP (cluster probe)": hp_u, "k-means baseline": base_u, "HP (linear probe)": hp_lin}),
+        "",
+        f"results: {out}/ (metrics.json, predictions.png, training_curve.png); report: {out / 'eval' / 'report.html'}",
+        format_diagnostics(diagnostics),
+        f"unsupervised mIoU: HP {hp_u.miou:.2f}  vs  k-means baseline {base_u.miou:.2f}  ({margin:+.2f})   "
+        f"[{seconds:.0f} s]",
+    ])
+    return DemoResult(metrics, text)
 
 
-def _pick(m: dict[str, Any]) -> dict[str, float]:
-    return {"accuracy": round(float(m["accuracy"]), 2), "miou": round(float(m["miou"]), 2)}
+def _pick(m: HeadScore) -> dict[str, float]:
+    return {"accuracy": round(float(m.accuracy), 2), "miou": round(float(m.miou), 2)}

@@ -6,9 +6,11 @@ has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,16 +43,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def local_device(device: torch.device) -> torch.device:
-    """``cuda`` without an index becomes ``cuda:<LOCAL_RANK>`` under torchrun (one GPU per process).
-
-    Other devices, and CUDA devices with an explicit index, are returned unchanged.
-    """
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
-    return device
-
-
 def init_from_env(device: torch.device) -> bool:
     """Join the process group described by torchrun's environment, if any.
 
@@ -66,6 +58,20 @@ def init_from_env(device: torch.device) -> bool:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     log.info("distributed: rank %d of %d (%s)", rank(), world_size(), backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """Join torchrun's process group for the block (if launched by torchrun) and leave it after.
+
+    Yields True when distributed. Only the entry layer opens it.
+    """
+    joined = not is_distributed() and init_from_env(device)
+    try:
+        yield is_distributed()
+    finally:
+        if joined:
+            shutdown()
 
 
 def shutdown() -> None:

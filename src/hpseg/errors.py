@@ -1,10 +1,42 @@
-"""Exceptions raised for problems a user can fix."""
+"""Exceptions raised for problems a user can fix.
+
+The error policy of hpseg: every problem a user can fix (a missing file, a wrong setting, an
+unreadable image, weights that cannot be downloaded) is an :class:`HPSegError` whose message
+names the problem *and* the fix, in one line. The CLI prints these as ``error: <message>``
+without a traceback and exits with status 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+__all__ = ["HPSegError", "UnreadableFileError"]
+
 
 class HPSegError(ValueError):
-    """A problem with the user's input, named together with its fix.
+    """A problem with the user's input, named together with its fix."""
 
-    The CLI prints these as one line (``error: <message>``) without a traceback.
+
+class UnreadableFileError(HPSegError):
+    """An image or label file that is missing or cannot be decoded.
+
+    ``path`` is the offending file, so that a caller may log and skip the item. The message
+    alone also constructs it (``UnreadableFileError(message)``), which lets DataLoader workers
+    re-raise it with its type in the main process.
     """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+    @classmethod
+    def for_file(cls, path: str | Path, reason: str) -> UnreadableFileError:
+        """The error for ``path``, with a message naming the file, the problem and the fix."""
+        return cls(
+            f"cannot read {path} ({reason}): the file is missing or damaged; re-download or re-extract it, "
+            "or delete it and its entry from the image list",
+            path,
+        )
+
+    def __reduce__(self) -> tuple[type[UnreadableFileError], tuple[str, Path | None]]:
+        return (type(self), (str(self), self.path))

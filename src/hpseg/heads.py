@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpseg.config import ModelConfig
+from hpseg.errors import HPSegError
+
 __all__ = ["ClusterProbe", "EMAHead", "LinearProbe", "ProjectionHead", "SegmentationHead"]
 
 
@@ -28,7 +31,7 @@ class SegmentationHead(nn.Module):
     Dropout2d(p) in training only, a fresh channel mask for each branch.
     """
 
-    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, dim: int, dropout: float = ModelConfig.dropout) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.dim = dim
@@ -137,6 +140,6 @@ class ClusterProbe(nn.Module):
         loss = -(probs * cos).sum(1).mean()
         if log_probs:
             if alpha is None:
-                raise ValueError("log_probs=True needs a temperature alpha")
+                raise HPSegError("log_probs=True needs a temperature alpha")
             return loss, torch.log_softmax(cos * alpha, dim=1)
         return loss, probs

@@ -1,15 +1,64 @@
-"""Atomic file output: write to a temporary file next to the target, then rename."""
+"""Atomic file output: write to a temporary file next to the target, then rename.
+
+Every file hpseg writes (checkpoints, results, figures, label maps, reports, exports) goes
+through :func:`atomic_write` or one of its wrappers, so a crash never leaves a half-written file
+where a good one was, and every file gets the permissions an ordinary ``open()`` would give it
+(``0o666`` minus the process umask: ``0644`` under the usual umask ``022``). ``mkstemp`` alone
+would create ``0600`` files that a colleague or a web server cannot read.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+__all__ = [
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "default_file_mode",
+    "file_sha256",
+]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` minus the current umask."""
+    with _UMASK_LOCK:  # reading the umask means setting it; keep other threads out meanwhile
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (ONNX, savefig, …).
+
+    On success the temporary file gets the umask's permissions and is renamed over ``path``;
+    on any exception it is removed and an existing ``path`` is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -18,19 +67,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
 
     A crash or exception while writing leaves any existing ``path`` untouched.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -43,3 +83,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) atomically."""
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
+    """First ``length`` hex digits of the file's SHA-256 (identifies a checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]

@@ -1,13 +1,14 @@
 """Run-level entry points: the only layer that reads a :class:`~hpseg.config.Config`.
 
-It builds datasets, the model and the training settings from the configuration, runs one
-training per seed into ``RUN/seed-<n>/`` (or ``RUN/`` for a single seed), evaluates checkpoints
-and run folders, and writes the resolved configuration next to every run.
+It builds the runtime, datasets, model, loss settings and validator from the configuration,
+runs one training per seed into ``RUN/seed-<n>/`` (or ``RUN/`` for a single seed), evaluates
+checkpoints and run folders, and writes the resolved configuration next to every run. Nothing
+here prints: the CLI does.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,28 +18,41 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hpseg import distributed as dist
-from hpseg.backbones import build_backbone
-from hpseg.config import Config, apply_overrides, build_config, config_from_dict
+from hpseg.backbones import Backbone, build_backbone
+from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
+from hpseg.config import (
+    PAPER_DATASETS,
+    Config,
+    apply_overrides,
+    build_config,
+    config_from_dict,
+    require_data_root,
+    run_dir,
+)
 from hpseg.data import build_dataset
 from hpseg.errors import HPSegError
-from hpseg.evaluate import (
-    EvalOutput,
-    aggregate_seeds,
-    evaluate_model,
-    format_iou_table,
-    format_protocol,
-    format_table,
-    kmeans_baseline,
-    protocol_block,
-    results_document,
-    write_results,
-)
-from hpseg.io import atomic_write_text
-from hpseg.model import HPModel, load_model
-from hpseg.runtime import resolve_device, seed_everything
-from hpseg.train import LossWeights, TrainSettings, fit
+from hpseg.evaluate import EvalOutput, cluster_usage, evaluate_model, kmeans, kmeans_baseline, patch_sample
+from hpseg.io import atomic_write_text, file_sha256
+from hpseg.model import HPModel
+from hpseg.results import Protocol, Results, aggregate_seeds
+from hpseg.runtime import Runtime, seed_everything
+from hpseg.train import ReferencePools, fit
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "build_model",
+    "build_runtime",
+    "build_train_set",
+    "build_val_set",
+    "evaluate_checkpoint",
+    "evaluate_path",
+    "name_clusters",
+    "run_baseline",
+    "TrainingRun",
+    "run_training",
+    "train_one",
+]
 
 
 # ------------------------------------------------------------------------------------------
@@ -46,55 +60,60 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------
 
 
-def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
+def build_runtime(cfg: Config, *, progress: bool | None = None) -> Runtime:
+    """The runtime of this process: device (``cuda:<LOCAL_RANK>`` under torchrun), precision,
+    rank/world from torchrun's environment, progress bars."""
+    return Runtime.create(cfg.train.device, cfg.train.precision, rank=dist.rank(), world_size=dist.world_size(),
+                          local_rank=dist.local_rank(), progress=cfg.train.progress if progress is None else progress)
+
+
+def _dataset_kwargs(cfg: Config, *, train: bool) -> dict[str, Any]:
     d = cfg.data
     if d.dataset == "synthetic":
-        return {"n_classes": d.synthetic_classes, "seed": d.synthetic_seed}
-    common = {"interpolation": d.interpolation, "aug_on_normalized": d.aug_on_normalized}
+        return {"n_classes": d.synthetic_classes, "seed": d.synthetic_seed,
+                "n_images": d.synthetic_train_images if train else d.synthetic_val_images}
+    kwargs: dict[str, Any] = {"interpolation": d.interpolation, "aug_on_normalized": d.aug_on_normalized}
     if d.dataset == "folder":
-        return {"n_classes": d.n_classes, "class_names": d.class_names, **common}
-    return common
+        kwargs.update(n_classes=d.n_classes, class_names=d.class_names)
+    return kwargs
 
 
 def build_train_set(cfg: Config) -> Dataset:
     """The training dataset (train transforms with the photometric view)."""
+    require_data_root(cfg)
     d = cfg.data
-    kwargs = _dataset_kwargs(cfg)
-    if d.dataset == "synthetic":
-        kwargs["n_images"] = d.synthetic_train_images
-    elif d.dataset in ("cocostuff27", "cityscapes27", "potsdam3"):
-        kwargs["five_crop"] = d.five_crop
-        kwargs["crop_ratio"] = d.crop_ratio
+    kwargs = _dataset_kwargs(cfg, train=True)
+    if d.dataset in PAPER_DATASETS:
+        kwargs.update(five_crop=d.five_crop, crop_ratio=d.crop_ratio)
     return build_dataset(d.dataset, d.root, d.train_split, mode="train", resolution=d.resolution, **kwargs)
 
 
 def build_val_set(cfg: Config, split: str | None = None) -> Dataset:
     """The evaluation dataset (resize + centre crop at ``data.eval_resolution``)."""
+    require_data_root(cfg)
     d = cfg.data
-    kwargs = _dataset_kwargs(cfg)
-    if d.dataset == "synthetic":
-        kwargs["n_images"] = d.synthetic_val_images
-    ds = build_dataset(d.dataset, d.root, split or d.val_split, mode="eval", resolution=d.eval_resolution, **kwargs)
+    ds = build_dataset(d.dataset, d.root, split or d.val_split, mode="eval", resolution=d.eval_resolution,
+                       **_dataset_kwargs(cfg, train=False))
     if d.max_val_images is not None and d.max_val_images < len(ds):  # type: ignore[arg-type]
         sub = Subset(ds, range(d.max_val_images))
-        sub.class_names = ds.class_names  # type: ignore[attr-defined]
-        sub.n_classes = ds.n_classes  # type: ignore[attr-defined]
+        sub.class_names, sub.n_classes = ds.class_names, ds.n_classes  # type: ignore[attr-defined]
         return sub
     return ds
 
 
+def _baseline_train_set(cfg: Config) -> Dataset:
+    """Training images with evaluation transforms (no augmentation): k-means fitting data."""
+    d = cfg.data
+    return build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution,
+                         **_dataset_kwargs(cfg, train=True))
+
+
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
     """A fresh HP model: the configured frozen backbone and newly initialised heads."""
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
-                              img_size=cfg.data.resolution)
-    return HPModel.create(
-        backbone,
-        dim=cfg.model.dim,
-        n_classes=n_classes,
-        n_clusters=cfg.model.n_clusters or n_classes,
-        class_names=class_names,
-        dropout=cfg.model.dropout,
-    )
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.weights, pretrained=m.pretrained, img_size=cfg.data.resolution)
+    return HPModel.create(backbone, dim=m.dim, n_classes=n_classes, n_clusters=m.n_clusters or n_classes,
+                          class_names=class_names, dropout=m.dropout, config=cfg.to_dict())
 
 
 def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:
@@ -102,47 +121,43 @@ def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 
-def _class_info(dataset: Dataset) -> tuple[int, list[str]]:
-    n = int(dataset.n_classes)  # type: ignore[attr-defined]
-    names = list(dataset.class_names)  # type: ignore[attr-defined]
-    return n, names
+def protocol_for(cfg: Config, runtime: Runtime, output: EvalOutput, *, n_clusters: int, n_classes: int,
+                 backbone: str, checkpoint: Path | None, cluster_probe: str = "online") -> Protocol:
+    """The protocol block of an evaluation of ``cfg``'s validation data."""
+    return Protocol(
+        dataset=cfg.data.dataset, split=cfg.data.val_split, n_images=output.n_images,
+        eval_resolution=cfg.data.eval_resolution, crf=cfg.eval.crf, n_clusters=n_clusters, n_classes=n_classes,
+        matching=f"{cfg.eval.matching} (cluster probe; unmatched clusters count as errors); linear probe unmatched",
+        backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint_sha256=file_sha256(checkpoint) if checkpoint and checkpoint.is_file() else None,
+        precision=runtime.precision, cluster_probe=cluster_probe, labelled=output.labelled,
+        device=str(runtime.device),
+    )
+
+
+def _as_metrics(output: EvalOutput) -> dict[str, Any]:
+    """Plain metrics of an evaluation (for metrics.jsonl and checkpoints)."""
+    doc: dict[str, Any] = {h: s.to_dict() for h, s in output.metrics.items()}
+    doc["labelled"] = output.labelled
+    doc["diagnostics"] = cluster_usage(output.cluster_pixels)
+    return doc
+
+
+def make_validator(cfg: Config, val_set: Dataset, runtime: Runtime) -> Any:
+    """``validate(model, pools)``: the probes' metrics on the validation set (or, without
+    labels, the label-free numbers), with the hidden-positive diagnostics."""
+    loader = eval_loader(val_set, cfg)
+    quiet = dataclasses.replace(runtime, progress=False)
+
+    def validate(model: HPModel, pools: ReferencePools) -> dict[str, Any]:
+        return _as_metrics(evaluate_model(model, loader, quiet, matching=cfg.eval.matching))
+
+    return validate
 
 
 # ------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------
-
-
-def _settings(cfg: Config, out_dir: Path, validate: Any) -> TrainSettings:
-    t, lo = cfg.train, cfg.loss
-    return TrainSettings(
-        out_dir=out_dir,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        max_iters=t.max_iters,
-        lr_head=t.lr_head,
-        weight_decay=t.weight_decay,
-        lr_projection=t.lr_projection,
-        lr_linear=t.lr_linear,
-        lr_cluster=t.lr_cluster,
-        grad_clip=t.grad_clip,
-        amp=t.amp,
-        valid_freq=t.valid_freq,
-        log_freq=t.log_freq,
-        seed=t.seed,
-        warmup=lo.warmup,
-        pool_size=lo.pool_size,
-        renew_interval=lo.renew_interval,
-        ema_m=lo.ema_m,
-        num_workers=cfg.data.num_workers,
-        progress=t.progress,
-        loss=LossWeights(
-            tau=lo.tau, rho=lo.rho, alpha=lo.alpha, sigma=lo.sigma, reweight=lo.reweight,
-            chunk_images=lo.chunk_images, dropout=cfg.model.dropout,
-        ),
-        config=cfg.to_dict(),
-        validate=validate,
-    )
 
 
 def _check_resume_config(out_dir: Path, cfg: Config) -> None:
@@ -153,73 +168,74 @@ def _check_resume_config(out_dir: Path, cfg: Config) -> None:
     import yaml
 
     before = config_from_dict(yaml.safe_load(saved.read_text()))
-    keys = ("data", "model", "loss")
-    changed = [k for k in keys if getattr(before, k) != getattr(cfg, k)]
+    changed = [k for k in ("data", "model", "loss") if getattr(before, k) != getattr(cfg, k)]
     tb, tc = before.train, cfg.train
-    if (tb.batch_size, tb.epochs, tb.seed) != (tc.batch_size, tc.epochs, tc.seed):
+    if (tb.batch_size, tb.epochs, tb.seed, tb.precision) != (tc.batch_size, tc.epochs, tc.seed, tc.precision):
         changed.append("train")
     if changed:
         raise HPSegError(
             f"{out_dir} holds an unfinished run with different {', '.join(changed)} settings: "
             "choose another train.out_dir or delete its last.pt to start over"
         )
+    if tb.max_iters != tc.max_iters:
+        log.warning("resuming with train.max_iters=%s instead of %s: the λ ramp follows the new length",
+                    tc.max_iters, tb.max_iters)
 
 
-def train_one(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``) and evaluate the best model."""
-    device = dist.local_device(resolve_device(cfg.train.device))
-    dist.init_from_env(device)
-    seed_everything(cfg.train.seed + dist.rank())
+def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``)."""
+    runtime = runtime or build_runtime(cfg)
+    seed_everything(cfg.train.seed + runtime.rank)
     _check_resume_config(out_dir, cfg)
-    if dist.is_main():
+    if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
-    n_classes, class_names = _class_info(val_set)
-    model = build_model(cfg, n_classes, class_names)
+    model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
 
-        train_set = CachedFeatures.wrap(
-            train_set, model.backbone, out_dir / "feature_cache", device, num_workers=cfg.data.num_workers
-        )
-    loader = eval_loader(val_set, cfg)
-
-    def validate(m: HPModel) -> dict[str, Any]:
-        return evaluate_model(m, loader, device, crf=False, matching=cfg.eval.matching, amp=cfg.train.amp).metrics
-
+        train_set = CachedFeatures.wrap(train_set, model.backbone, out_dir / "feature_cache", runtime.device,
+                                        num_workers=cfg.data.num_workers)
     log.info("training %s → %s", cfg.data.dataset, out_dir)
-    summary = fit(model, train_set, _settings(cfg, out_dir, validate), device)
-    return summary
+    return fit(model, train_set, train=cfg.train, loss=cfg.loss, runtime=runtime, out_dir=out_dir,
+               config=cfg.to_dict(), num_workers=cfg.data.num_workers,
+               validate=make_validator(cfg, val_set, runtime))
 
 
-def seed_dirs(out_dir: Path, seeds: list[int] | None) -> list[tuple[int, Path]]:
-    """``[(seed, folder)]``: ``RUN/seed-<n>`` for several seeds, ``RUN`` for one."""
-    if not seeds:
-        return []
-    return [(s, out_dir / f"seed-{s}") for s in seeds]
+@dataclass
+class TrainingRun:
+    """What :func:`run_training` did: the run folders, and whether this process is the one that
+    reports (rank 0; the others of a torchrun job stay silent)."""
+
+    folders: list[Path]
+    is_main: bool
 
 
-def run_training(cfg: Config) -> list[Path]:
-    """Train once per seed (``train.seeds``) or once (``train.seed``); returns the run folders."""
-    out_dir = Path(cfg.train.out_dir)
-    runs = seed_dirs(out_dir, cfg.train.seeds)
-    if not runs:
-        train_one(cfg, out_dir)
-        return [out_dir]
-    if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    folders = []
-    for seed, folder in runs:
-        seeded = config_from_dict(cfg.to_dict())
-        seeded.train.seed = seed
-        seeded.train.seeds = None
-        seeded.train.out_dir = str(folder)
-        train_one(seeded, folder)
-        folders.append(folder)
-    return folders
+def run_training(cfg: Config) -> TrainingRun:
+    """Train once per seed (``train.seeds``) or once (``train.seed``).
+
+    The process group of a torchrun job is opened here and closed when training ends.
+    """
+    out_dir = run_dir(cfg)
+    require_data_root(cfg)
+    with dist.process_group(build_runtime(cfg).device):
+        runtime = build_runtime(cfg)  # rank and world size, now that the group exists
+        if not cfg.train.seeds:
+            train_one(cfg, out_dir, runtime)
+            return TrainingRun([out_dir], runtime.is_main)
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        folders = []
+        for seed in cfg.train.seeds:
+            seeded = config_from_dict(cfg.to_dict())
+            seeded.train.seed, seeded.train.seeds = seed, None
+            seeded.train.out_dir = str(out_dir / f"seed-{seed}")
+            train_one(seeded, out_dir / f"seed-{seed}", runtime)
+            folders.append(out_dir / f"seed-{seed}")
+        return TrainingRun(folders, runtime.is_main)
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,19 +243,22 @@ def run_training(cfg: Config) -> list[Path]:
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvaluationReport:
-    """What ``hpseg evaluate`` prints and writes."""
-
-    document: dict[str, Any]
-    text: str
-
-
-def _model_config(model: HPModel, overrides: list[str]) -> Config:
-    """The config stored with a checkpoint (defaults for the authors' files), with overrides."""
-    stored = getattr(model, "config", None)
-    cfg = config_from_dict(stored) if isinstance(stored, dict) and stored else Config()
+def _model_config(model: HPModel, preset: str | None, overrides: list[str]) -> Config:
+    """The preset's, or the configuration stored with a checkpoint (defaults for the authors'
+    files), with overrides."""
+    if preset:
+        return build_config(preset, overrides)
+    cfg = config_from_dict(model.config) if model.config else Config()
     return apply_overrides(cfg, overrides)
+
+
+def refit_centroids(cfg: Config, model: HPModel, runtime: Runtime) -> torch.Tensor:
+    """The refitted cluster probe (``eval.cluster_refit``): spherical k-means with K clusters
+    on the segmentation head's code of (up to 100,000 patches of) the training images."""
+    loader = eval_loader(_baseline_train_set(cfg), cfg)
+    x = patch_sample(lambda im: model.head(model.backbone.features(im)), loader, runtime, max_patches=100_000,
+                     seed=cfg.train.seed)
+    return kmeans(x, model.n_clusters, seed=cfg.train.seed)
 
 
 def evaluate_checkpoint(
@@ -249,56 +268,41 @@ def evaluate_checkpoint(
     preset: str | None = None,
     out_dir: Path | None = None,
     backbone: str | None = None,
-    n_gallery: int | None = None,
     baseline: bool = False,
-) -> EvaluationReport:
+) -> Results:
     """Evaluate one checkpoint (ours or the authors' ``ckpt.pth``) on its validation set.
 
-    With ``baseline`` the k-means baseline on the same frozen backbone is scored too and
-    reported beside HP (``results.json["baseline"]``).
+    With ``baseline`` the k-means baseline on the same frozen backbone is scored too. With
+    ``out_dir`` the results folder is written (``results.json``, figures, galleries).
     """
     model = load_model(checkpoint, backbone=backbone)
-    if preset:
-        cfg = build_config(preset, overrides or [])
-    else:
-        cfg = _model_config(model, overrides or [])
-    device = resolve_device(cfg.train.device)
-    model.to(device).eval()
+    cfg = _model_config(model, preset, overrides or [])
+    runtime = build_runtime(cfg)
+    model.to(runtime.device).eval()
     val_set = build_val_set(cfg)
-    n_classes, class_names = _class_info(val_set)
-    if model.linear_probe_classes() != n_classes:
+    n_classes, class_names = int(val_set.n_classes), list(val_set.class_names)  # type: ignore[attr-defined]
+    if model.n_classes != n_classes:
         raise HPSegError(
-            f"{checkpoint} predicts {model.linear_probe_classes()} classes but {cfg.data.dataset} has {n_classes}: "
+            f"{checkpoint} predicts {model.n_classes} classes but {cfg.data.dataset} has {n_classes}: "
             "evaluate it on the dataset it was trained for (--preset NAME data.root=DIR)"
         )
-    loader = eval_loader(val_set, cfg)
-    n_gal = cfg.eval.n_gallery if n_gallery is None else n_gallery
-    output = evaluate_model(model, loader, device, crf=cfg.eval.crf, matching=cfg.eval.matching,
-                            n_gallery=n_gal, amp=cfg.train.amp, progress=cfg.train.progress)
-    protocol = protocol_block(
-        dataset=cfg.data.dataset, split=cfg.data.val_split, n_images=output.n_images,
-        eval_resolution=cfg.data.eval_resolution, crf=cfg.eval.crf,
-        n_clusters=int(model.cluster_probe.clusters.shape[0]), n_classes=n_classes,
-        matching=cfg.eval.matching, checkpoint=checkpoint, backbone=model.spec.backbone, device=device,
-    )
-    rows = dict(output.metrics)
-    extra: dict[str, Any] = {}
-    if baseline:
-        base = baseline_for(cfg, model.backbone, int(model.cluster_probe.clusters.shape[0]), device)
-        rows["k-means baseline"] = base.metrics["unsupervised"]
-        extra["baseline"] = base.metrics
-    doc = results_document(output, protocol, class_names, extra=extra)
-    text = "\n".join([
-        format_protocol(protocol),
-        "",
-        format_table(rows),
-        "",
-        "per-class IoU (unsupervised):",
-        format_iou_table(output.metrics["unsupervised"]["iou"], class_names),
-    ])
+    refit = refit_centroids(cfg, model, runtime) if cfg.eval.cluster_refit else None
+    output = evaluate_model(model, eval_loader(val_set, cfg), runtime, crf=cfg.eval.crf, matching=cfg.eval.matching,
+                            n_gallery=cfg.eval.n_gallery, per_cluster=cfg.eval.gallery_per_cluster,
+                            refit_centroids=refit)
+    protocol = protocol_for(cfg, runtime, output, n_clusters=model.n_clusters, n_classes=n_classes,
+                            backbone=model.spec.backbone, checkpoint=checkpoint,
+                            cluster_probe="online + refit (k-means on training code)" if refit is not None else "online")
+    results = Results(protocol, class_names, metrics=output.metrics, diagnostics=cluster_usage(output.cluster_pixels),
+                      confusion={h: c.tolist() for h, c in output.confusion.items()},
+                      cluster_names=model.cluster_names)
+    if baseline and output.labelled:
+        results.baseline = baseline_for(cfg, model.backbone, model.n_clusters, runtime).metrics
     if out_dir is not None:
-        write_results(out_dir, doc, output, class_names)
-    return EvaluationReport(document=doc, text=text)
+        from hpseg.evaluate import write_results
+
+        write_results(out_dir, results, output)
+    return results
 
 
 def find_seed_runs(run_dir: Path) -> list[Path]:
@@ -320,92 +324,86 @@ def evaluate_path(
     out_dir: Path | None = None,
     backbone: str | None = None,
     baseline: bool = False,
-) -> EvaluationReport:
+) -> Results:
     """Evaluate a checkpoint file, a run folder (``best.pt``) or a multi-seed run folder.
 
-    For a multi-seed folder every seed's row is reported, then the mean ± std over seeds;
-    ``results.json`` holds ``"seeds"`` (per-seed metrics) and ``"aggregate"``.
+    For a multi-seed folder every seed is evaluated into ``seed-N/eval`` and the folder's
+    ``results.json`` holds the per-seed metrics (``seeds``) and their mean ± std (``metrics``).
     """
     if path.is_file():
-        report = evaluate_checkpoint(path, overrides, preset=preset, out_dir=out_dir, backbone=backbone,
-                                     baseline=baseline)
-        return report
+        return evaluate_checkpoint(path, overrides, preset=preset, out_dir=out_dir, backbone=backbone,
+                                   baseline=baseline)
     if not path.is_dir():
         raise HPSegError(f"{path} does not exist: give a checkpoint file (.pt/.pth) or a run folder")
     seeds = find_seed_runs(path)
     if not seeds:
-        best = path / "best.pt"
-        if not best.is_file():
+        if not (path / "best.pt").is_file():
             raise HPSegError(f"{path} holds no best.pt and no seed-*/best.pt: train first (hpseg train …)")
-        return evaluate_checkpoint(best, overrides, preset=preset, out_dir=out_dir or path / "eval",
+        return evaluate_checkpoint(path / "best.pt", overrides, preset=preset, out_dir=out_dir or path / "eval",
                                    backbone=backbone, baseline=baseline)
-    per_seed: dict[str, dict[str, dict[str, Any]]] = {}
-    protocols = []
-    for folder in seeds:
-        rep = evaluate_checkpoint(folder / "best.pt", overrides, preset=preset, out_dir=folder / "eval",
-                                  backbone=backbone, baseline=baseline)
-        per_seed[folder.name] = dict(rep.document["metrics"])
-        if baseline:
-            per_seed[folder.name]["k-means baseline"] = rep.document["baseline"]["unsupervised"]
-        protocols.append(rep.document["protocol"])
-    agg = aggregate_seeds(per_seed)
-    protocol = {k: v for k, v in protocols[0].items() if k not in ("checkpoint", "checkpoint_sha256")}
-    protocol["checkpoints"] = {f.name: p["checkpoint_sha256"] for f, p in zip(seeds, protocols)}
-    protocol["seeds"] = [f.name for f in seeds]
-    doc = {"protocol": protocol, "seeds": per_seed, "aggregate": agg}
-    rows: dict[str, dict[str, Any]] = {}
-    for name, metrics in per_seed.items():
-        for head, m in metrics.items():
-            rows[f"{head} [{name}]"] = m
-    for head in per_seed[seeds[0].name]:  # same head order as the per-seed rows
-        rows[f"{head} [mean ± std]"] = agg[head]
-    text = "\n".join([
-        format_protocol({**protocols[0], "checkpoint_sha256": f"{len(seeds)} seeds"}),
-        "",
-        format_table(rows),
-    ])
-    target = out_dir or path
-    target.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target / "results.json", json.dumps(doc, indent=2))
-    return EvaluationReport(document=doc, text=text)
+    runs = [evaluate_checkpoint(f / "best.pt", overrides, preset=preset, out_dir=f / "eval", backbone=backbone,
+                                baseline=baseline) for f in seeds]
+    per_seed = {f.name: {**r.metrics, **({"k-means baseline": r.baseline["unsupervised"]} if r.baseline else {})}
+                for f, r in zip(seeds, runs)}
+    protocol = runs[0].protocol
+    protocol.checkpoint, protocol.checkpoint_sha256 = None, None
+    protocol.seeds = [f.name for f in seeds]
+    protocol.checkpoints = {f.name: r.protocol.checkpoint_sha256 or "" for f, r in zip(seeds, runs)}
+    results = Results(protocol, runs[0].class_names, metrics=aggregate_seeds(per_seed), seeds=per_seed)
+    results.write((out_dir or path) / "results.json")
+    return results
 
 
-def _baseline_train_set(cfg: Config) -> Dataset:
-    """Training images with evaluation transforms (no augmentation): k-means fitting data."""
-    d = cfg.data
-    kwargs = _dataset_kwargs(cfg)
-    if d.dataset == "synthetic":
-        kwargs["n_images"] = d.synthetic_train_images
-    return build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution, **kwargs)
-
-
-def baseline_for(cfg: Config, backbone: torch.nn.Module, n_clusters: int, device: torch.device,
+def baseline_for(cfg: Config, backbone: Backbone, n_clusters: int, runtime: Runtime,
                  n_gallery: int = 0) -> EvalOutput:
     """k-means (K = ``n_clusters``) on the frozen backbone's features, on the configured data."""
     val_set = build_val_set(cfg)
-    n_classes, _ = _class_info(val_set)
-    return kmeans_baseline(
-        backbone, eval_loader(_baseline_train_set(cfg), cfg), eval_loader(val_set, cfg), device,
-        n_clusters=n_clusters, n_classes=n_classes, matching=cfg.eval.matching, seed=cfg.train.seed,
-        n_gallery=n_gallery, amp=cfg.train.amp,
-    )
+    return kmeans_baseline(backbone, eval_loader(_baseline_train_set(cfg), cfg), eval_loader(val_set, cfg), runtime,
+                           n_clusters=n_clusters, n_classes=int(val_set.n_classes),  # type: ignore[attr-defined]
+                           matching=cfg.eval.matching, seed=cfg.train.seed, n_gallery=n_gallery)
 
 
-def run_baseline(preset: str | None, overrides: list[str]) -> EvaluationReport:
+def run_baseline(preset: str | None, overrides: list[str]) -> Results:
     """``hpseg baseline``: k-means on the configured backbone's features, with the HP protocol."""
     cfg = build_config(preset, overrides)
-    device = resolve_device(cfg.train.device)
+    runtime = build_runtime(cfg)
     backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
-                              img_size=cfg.data.resolution).to(device)
+                              img_size=cfg.data.resolution).to(runtime.device)
     val_set = build_val_set(cfg)
-    n_classes, class_names = _class_info(val_set)
+    n_classes, class_names = int(val_set.n_classes), list(val_set.class_names)  # type: ignore[attr-defined]
     k = cfg.model.n_clusters or n_classes
-    output = baseline_for(cfg, backbone, k, device)
-    protocol = protocol_block(
-        dataset=cfg.data.dataset, split=cfg.data.val_split, n_images=output.n_images,
-        eval_resolution=cfg.data.eval_resolution, crf=False, n_clusters=k, n_classes=n_classes,
-        matching=cfg.eval.matching, checkpoint=None, backbone=cfg.model.backbone, device=device,
-    )
-    doc = results_document(output, protocol, class_names, extra={"method": "k-means on frozen backbone features"})
-    text = "\n".join([format_protocol(protocol), "", format_table({"k-means baseline": output.metrics["unsupervised"]})])
-    return EvaluationReport(document=doc, text=text)
+    output = baseline_for(cfg, backbone, k, runtime)
+    protocol = protocol_for(cfg, runtime, output, n_clusters=k, n_classes=n_classes, backbone=cfg.model.backbone,
+                            checkpoint=None)
+    return Results(protocol, class_names, baseline=output.metrics,
+                   notes={"method": "k-means on frozen backbone features"})
+
+
+# ------------------------------------------------------------------------------------------
+# naming clusters
+# ------------------------------------------------------------------------------------------
+
+
+def name_clusters(run: Path, names: dict[int, str]) -> list[Path]:
+    """Store cluster names (``{cluster id: name}``; unnamed clusters keep ``cluster k``) in the
+    run's checkpoints (``best.pt``, ``final.pt``, or the given file) and in its evaluation's
+    ``results.json`` when there is one. Returns the files changed."""
+    files = [run] if run.is_file() else [p for p in (run / "best.pt", run / "final.pt") if p.is_file()]
+    if not files:
+        raise HPSegError(f"{run} holds no best.pt or final.pt: give a run folder or a checkpoint file")
+    from hpseg.model import ModelSpec
+
+    k = ModelSpec.from_dict(read_checkpoint(files[0]).get("spec") or {}).n_clusters
+    bad = sorted(c for c in names if not 0 <= c < k)
+    if bad:
+        raise HPSegError(f"cluster {bad[0]} does not exist: the model has clusters 0..{k - 1}")
+    full = [names.get(c, f"cluster {c}") for c in range(k)]
+    changed = [set_cluster_names(f, full) for f in files]
+    results_file = (run.parent if run.is_file() else run) / "eval" / "results.json"
+    if results_file.is_file():
+        results = Results.read(results_file)
+        results.cluster_names = full
+        for entry in results.cluster_gallery:
+            entry["name"] = full[int(entry["cluster"])]
+        changed.append(results.write(results_file))
+    return changed

@@ -1,12 +1,14 @@
 """A static, self-contained HTML report of an evaluation (``hpseg report``).
 
-Reads the results folder written by ``hpseg evaluate RUN --out DIR`` (``results.json``,
-``confusion_<head>.png``, ``gallery/*.png``, ``predictions.png``) and writes one HTML file with
-inline CSS and, by default, the images embedded as base64 data URIs, so the file can be moved,
-mailed or archived on its own and opened without a server or network. Sections: protocol,
-metrics per head (and the k-means baseline when scored), per-class IoU bars, confusion
-matrices, gallery (image / ground truth / predictions). Multi-seed ``results.json`` files
-(``seeds`` + ``aggregate``) give a per-seed table with mean ± std.
+Reads the results folder written by ``hpseg evaluate`` (``results.json`` in the
+:mod:`hpseg.results` schema, ``confusion_<head>.png``, ``gallery/*.png``, ``clusters/*.png``,
+``predictions.png``, ``training_curve.png``) and writes one HTML file with inline CSS and, by
+default, the images embedded as base64 data URIs, so the file can be moved, mailed or archived
+on its own and opened without a server or network. Sections: protocol, metrics per head (and
+the k-means baseline when scored), diagnostics, per-class IoU bars, confusion matrices, the
+cluster gallery (example regions per cluster, with their names), the prediction gallery and the
+training curve. Runs without labels say so and show what can be shown; multi-seed results give
+a per-seed table with mean ± std.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import logging
 import math
 import os
@@ -22,33 +23,28 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from hpseg.errors import HPSegError
 from hpseg.io import atomic_write_text
+from hpseg.results import HeadScore, Results, find_results
+from hpseg.viz import hex_colour, palette
 
 log = logging.getLogger(__name__)
 
 __all__ = ["find_results", "render_report", "write_report"]
 
-_IMAGE_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-}
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+                ".webp": "image/webp"}
 _COLUMN_TITLES = {
     "image": "image",
     "label": "ground truth",
-    "unsupervised": "HP clusters (matched)",
+    "unsupervised": "HP clusters",
     "linear": "HP linear probe",
-    "unsupervised_crf": "HP clusters + CRF",
-    "linear_crf": "HP linear + CRF",
 }
 _HEAD_TITLES = {
     "unsupervised": "unsupervised (cluster probe)",
     "linear": "linear probe",
     "unsupervised_crf": "unsupervised + CRF",
     "linear_crf": "linear probe + CRF",
+    "unsupervised_refit": "unsupervised, cluster probe refitted by k-means (not the authors' protocol)",
 }
 
 _CSS = """
@@ -76,6 +72,8 @@ table.kv td:first-child { color: var(--muted); white-space: nowrap; }
 table.confusion td { width: 22px; height: 18px; padding: 0; font-size: 10px; text-align: center; }
 table.confusion th { font-size: 10px; padding: 2px 4px; white-space: nowrap; }
 .missing { color: #b00020; font-size: 12px; }
+.note { background: #fff6e0; border: 1px solid #f0d590; padding: 8px 12px; }
+.clusters img { height: 100px; image-rendering: auto; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 """
 
@@ -108,24 +106,6 @@ def _num(value: Any, digits: int = 2) -> str:
     return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
 
 
-def find_results(run_dir: str | Path) -> Path:
-    """The ``results.json`` of ``run_dir`` (the file itself, ``run_dir/results.json``, or
-    ``run_dir/eval/results.json``).
-
-    Raises:
-        HPSegError: none found.
-    """
-    path = Path(run_dir)
-    if path.is_file() and path.suffix == ".json":
-        return path
-    for candidate in (path / "results.json", path / "eval" / "results.json"):
-        if candidate.is_file():
-            return candidate
-    raise HPSegError(
-        f"{path} holds no results.json: run `hpseg evaluate RUN --out DIR` first, then `hpseg report DIR`"
-    )
-
-
 class _Images:
     """Image references for the page: data URIs (embedded) or paths relative to the page."""
 
@@ -133,10 +113,8 @@ class _Images:
         self.root = results_dir.resolve()
         self.page_dir = page_dir.resolve()
         self.embed = embed
-        self.count = 0
 
-    def tag(self, rel: str | Path, alt: str, css_class: str = "") -> str:
-        cls = f' class="{_e(css_class)}"' if css_class else ""
+    def tag(self, rel: str | Path, alt: str) -> str:
         path = (self.root / rel).resolve()
         if self.root != path and self.root not in path.parents:
             log.warning("report: %s lies outside %s; not included", rel, self.root)
@@ -146,202 +124,150 @@ class _Images:
             log.warning("report: image %s is missing", path)
             return f'<span class="missing">missing: {_e(rel)}</span>'
         if self.embed:
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            src = f"data:{mime};base64,{data}"
+            src = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
         else:
             src = urllib.parse.quote(Path(os.path.relpath(path, self.page_dir)).as_posix())
-        self.count += 1
-        return f'<img src="{_e(src)}" alt="{_e(alt)}"{cls} loading="eager">'
+        return f'<img src="{_e(src)}" alt="{_e(alt)}" loading="eager">'
 
 
-def _palette_hex(n: int) -> list[str]:
-    from hpseg.evaluate import palette
-
-    return ["#{:02x}{:02x}{:02x}".format(*(int(c) for c in row)) for row in palette(max(n, 1))][:n]
+def _colours(n: int) -> list[str]:
+    return [hex_colour(row) for row in palette(max(n, 1))][:n]
 
 
 def _kv_table(data: dict[str, Any]) -> str:
     rows = []
     for key, value in data.items():
-        text = (
-            json.dumps(value) if isinstance(value, (dict, list)) else ("-" if value is None else str(value))
-        )
-        rows.append(f"<tr><td>{_e(key)}</td><td>{_e(text)}</td></tr>")
+        text = str(value) if not isinstance(value, (dict, list)) else ", ".join(
+            f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else ", ".join(map(str, value))
+        rows.append(f"<tr><td>{_e(key)}</td><td>{_e('-' if value is None else text)}</td></tr>")
     return f'<table class="kv">{"".join(rows)}</table>'
 
 
-def _metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    body = []
-    for name, m in rows:
-        cells = []
-        for key in ("accuracy", "miou"):
-            text = _num(m.get(key))
-            if f"{key}_std" in m:
-                text += f" ± {_num(m.get(key + '_std'))}"
-            cells.append(f'<td class="num">{_e(text)}</td>')
-        body.append(f"<tr><td>{_e(name)}</td>{''.join(cells)}</tr>")
-    return (
-        '<table class="metrics"><tr><th>head</th><th>pixel accuracy %</th><th>mIoU %</th></tr>'
-        f"{''.join(body)}</table>"
-    )
+def _cell(s: HeadScore, key: str) -> str:
+    text = _num(getattr(s, key))
+    std = getattr(s, f"{key}_std")
+    return text + (f" ± {_num(std)}" if std is not None else "")
 
 
-def _iou_table(heads: list[tuple[str, list[Any]]], class_names: list[str]) -> str:
+def _metrics_table(rows: dict[str, HeadScore]) -> str:
+    body = "".join(f'<tr><td>{_e(_HEAD_TITLES.get(name, name))}</td><td class="num">{_e(_cell(s, "accuracy"))}</td>'
+                   f'<td class="num">{_e(_cell(s, "miou"))}</td></tr>' for name, s in rows.items())
+    return f'<table class="metrics"><tr><th>head</th><th>pixel accuracy %</th><th>mIoU %</th></tr>{body}</table>'
+
+
+def _iou_table(heads: list[tuple[str, list[float]]], class_names: list[str]) -> str:
     n = max(len(iou) for _, iou in heads)
     names = list(class_names) + [f"class {i}" for i in range(len(class_names), n)]
-    colours = _palette_hex(n)
+    colours = _colours(n)
     head_cells = "".join(f"<th>{_e(_HEAD_TITLES.get(h, h))}</th>" for h, _ in heads)
     rows = []
     for i in range(n):
         cells = []
         for _, iou in heads:
             value = iou[i] if i < len(iou) else None
-            try:
-                width = float(value) if value is not None else 0.0
-            except (TypeError, ValueError):
-                width = 0.0
-            width = 0.0 if math.isnan(width) else max(0.0, min(100.0, width))
-            cells.append(
-                f'<td class="num"><span class="bar"><span style="width:{width:.1f}%"></span></span>'
-                f"{_e(_num(value))}</td>"
-            )
-        rows.append(
-            f'<tr><td><span class="swatch" style="background:{colours[i]}"></span>{_e(names[i])}</td>'
-            f"{''.join(cells)}</tr>"
-        )
+            width = 0.0 if value is None or math.isnan(float(value)) else max(0.0, min(100.0, float(value)))
+            cells.append(f'<td class="num"><span class="bar"><span style="width:{width:.1f}%"></span></span>'
+                         f"{_e(_num(value))}</td>")
+        rows.append(f'<tr><td><span class="swatch" style="background:{colours[i]}"></span>{_e(names[i])}</td>'
+                    f"{''.join(cells)}</tr>")
     return f'<table class="iou"><tr><th>class</th>{head_cells}</tr>{"".join(rows)}</table>'
 
 
-def _confusion_table(conf: list[list[float]], class_names: list[str], assignment: list[int] | None) -> str:
-    """Row-normalised confusion as a shaded table (rows: prediction, columns: true class)."""
-    n_cols = len(conf[0]) if conf else 0
-    cols = list(class_names) + [f"class {i}" for i in range(len(class_names), n_cols)]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols[:n_cols])
-    rows = []
-    for k, row in enumerate(conf):
-        total = sum(float(v) for v in row) or 1.0
-        if assignment is not None and k < len(assignment):
-            a = assignment[k]
-            name = f"c{k} → {cols[a] if 0 <= a < len(cols) else '∅'}"
-        else:
-            name = cols[k] if k < len(cols) else f"row {k}"
-        cells = []
-        for v in row:
-            frac = float(v) / total
-            colour = "#fff" if frac > 0.55 else "#1d2430"
-            cells.append(
-                f'<td style="background:rgba(47,111,222,{frac:.3f});color:{colour}" '
-                f'title="{_e(f"{frac:.3f}")}">{int(round(frac * 100))}</td>'
-            )
-        rows.append(f"<tr><th>{_e(name)}</th>{''.join(cells)}</tr>")
-    return f'<table class="confusion"><tr><th>prediction \\ truth</th>{head}</tr>{"".join(rows)}</table>'
-
-
-def _legend(class_names: list[str]) -> str:
-    colours = _palette_hex(len(class_names))
-    items = [
-        f'<span class="item"><span class="swatch" style="background:{c}"></span>{_e(n)}</span>'
-        for n, c in zip(class_names, colours)
-    ]
-    items.append(
-        '<span class="item"><span class="swatch" style="background:#000"></span>ignore / unmatched</span>'
-    )
+def _legend(names: list[str]) -> str:
+    items = [f'<span class="item"><span class="swatch" style="background:{c}"></span>{_e(n)}</span>'
+             for n, c in zip(names, _colours(len(names)))]
+    items.append('<span class="item"><span class="swatch" style="background:#000"></span>ignore / unmatched</span>')
     return f'<div class="legend">{"".join(items)}</div>'
 
 
-def _single_run(doc: dict[str, Any], images: _Images, results_dir: Path) -> list[str]:
+def _diagnostics(diagnostics: dict[str, Any]) -> str:
+    rows = {k: (f"{100 * v:.1f} %" if k.startswith(("positive_precision", "kept_anchor", "cluster_entropy"))
+                else _num(v) if isinstance(v, float) else v)
+            for k, v in diagnostics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return _kv_table(rows)
+
+
+def _cluster_gallery(results: Results, images: _Images) -> list[str]:
+    entries = [e for e in results.cluster_gallery if isinstance(e, dict)]
+    if not entries:
+        return []
+    total = sum(int(e.get("pixels", 0)) for e in entries) or 1
+    colours = _colours(len(entries))
+    rows = []
+    for e in entries:
+        c = int(e.get("cluster", 0))
+        strip = images.tag(e["strip"], f"examples of cluster {c}") if e.get("strip") else "<em>no pixels</em>"
+        swatch = colours[c] if c < len(colours) else "#000"
+        rows.append(f'<tr><td><span class="swatch" style="background:{swatch}"></span>{c}</td>'
+                    f"<td>{_e(e.get('name', f'cluster {c}'))}</td>"
+                    f'<td class="num">{100 * int(e.get("pixels", 0)) / total:.1f} %</td><td>{strip}</td></tr>')
+    return [
+        "<h2>Clusters</h2>",
+        '<p class="sub">example regions of each cluster (pixels outside the cluster dimmed). Name them with '
+        "<code>hpseg name RUN 0=sky 1=road …</code>; the names then appear in every output.</p>",
+        f'<table class="clusters"><tr><th>cluster</th><th>name</th><th>pixels</th><th>examples</th></tr>'
+        f"{''.join(rows)}</table>",
+    ]
+
+
+def _single_run(results: Results, images: _Images, results_dir: Path) -> list[str]:
     parts: list[str] = []
-    metrics: dict[str, Any] = doc.get("metrics") or {}
-    class_names = [str(n) for n in doc.get("class_names") or []]
-    rows = [(_HEAD_TITLES.get(h, h), m) for h, m in metrics.items() if isinstance(m, dict)]
-    for h, m in (doc.get("baseline") or {}).items():
-        if isinstance(m, dict):
-            rows.append((f"k-means baseline ({_HEAD_TITLES.get(h, h)})", m))
-    parts.append("<h2>Metrics</h2>")
-    parts.append(_metrics_table(rows) if rows else '<p class="sub">no metrics in results.json</p>')
-    ious = [(h, m["iou"]) for h, m in metrics.items() if isinstance(m, dict) and m.get("iou")]
+    names = results.class_names
+    if not results.protocol.labelled:
+        parts.append('<p class="note">No labels to score against: this page shows the predictions, the '
+                     "clusters and the label-free diagnostics.</p>")
+    rows = results.rows()
+    if rows:
+        parts += ["<h2>Metrics</h2>", _metrics_table(rows)]
+    if results.diagnostics:
+        parts += ["<h2>Diagnostics</h2>", _diagnostics(results.diagnostics)]
+    ious = [(h, s.iou) for h, s in results.metrics.items() if s.iou]
     if ious:
-        parts.append("<h2>Per-class IoU %</h2>")
-        parts.append(_iou_table(ious, class_names))
-    confusion: dict[str, Any] = doc.get("confusion") or {}
-    conf_heads = list(dict.fromkeys([*confusion, *metrics]))
-    blocks = []
-    for h in conf_heads:
-        png = results_dir / f"confusion_{h}.png"
-        if png.is_file():
-            blocks.append(
-                f'<h3>{_e(_HEAD_TITLES.get(h, h))}</h3><div class="figure">'
-                f"{images.tag(png.name, f'confusion matrix, {h}')}</div>"
-            )
-        elif confusion.get(h):
-            assignment = metrics.get(h, {}).get("assignment") if isinstance(metrics.get(h), dict) else None
-            blocks.append(
-                f"<h3>{_e(_HEAD_TITLES.get(h, h))} (row-normalised %)</h3>"
-                f"{_confusion_table(confusion[h], class_names, assignment)}"
-            )
+        parts += ["<h2>Per-class IoU %</h2>", _iou_table(ious, names)]
+    blocks = [f'<h3>{_e(_HEAD_TITLES.get(h, h))}</h3><div class="figure">{images.tag(f"confusion_{h}.png", h)}</div>'
+              for h in results.confusion if (results_dir / f"confusion_{h}.png").is_file()]
     if blocks:
-        parts.append(
-            '<h2>Confusion matrices</h2><p class="sub">rows: prediction (clusters with their '
-            "matched class), columns: ground truth; each row normalised.</p>"
-        )
-        parts.extend(blocks)
-    gallery = [g for g in doc.get("gallery") or [] if isinstance(g, dict)]
+        parts.append('<h2>Confusion matrices</h2><p class="sub">rows: prediction (clusters with their matched '
+                     "class), columns: ground truth; each row normalised.</p>")
+        parts += blocks
+    parts += _cluster_gallery(results, images)
+    gallery = [g for g in results.gallery if isinstance(g, dict)]
     if gallery:
         keys = list(dict.fromkeys(k for g in gallery for k in g))
         head = "".join(f"<th>{_e(_COLUMN_TITLES.get(k, k))}</th>" for k in keys)
-        body = []
-        for i, g in enumerate(gallery):
-            cells = "".join(f"<td>{images.tag(g[k], f'{k} {i}') if k in g else ''}</td>" for k in keys)
-            body.append(f"<tr>{cells}</tr>")
-        parts.append("<h2>Gallery</h2>")
-        parts.append(_legend(class_names))
-        parts.append(f'<table class="gallery"><tr>{head}</tr>{"".join(body)}</table>')
+        body = "".join("<tr>" + "".join(f"<td>{images.tag(g[k], f'{k} {i}') if k in g else ''}</td>" for k in keys)
+                       + "</tr>" for i, g in enumerate(gallery))
+        legend_names = names if results.protocol.labelled else (
+            results.cluster_names or [f"cluster {k}" for k in range(results.protocol.n_clusters)])
+        parts += ["<h2>Gallery</h2>", _legend(legend_names), f'<table class="gallery"><tr>{head}</tr>{body}</table>']
     elif (results_dir / "predictions.png").is_file():
-        parts.append("<h2>Predictions</h2>")
-        parts.append(f'<div class="figure">{images.tag("predictions.png", "predictions")}</div>')
+        parts += ["<h2>Predictions</h2>", f'<div class="figure">{images.tag("predictions.png", "predictions")}</div>']
+    if (results_dir / "training_curve.png").is_file():
+        parts += ["<h2>Training</h2>",
+                  f'<div class="figure">{images.tag("training_curve.png", "training curve")}</div>']
     return parts
 
 
-def _seed_class_names(results_dir: Path, seeds: list[str]) -> list[str]:
-    for seed in seeds:
-        path = results_dir / seed / "eval" / "results.json"
-        try:
-            names = json.loads(path.read_text()).get("class_names")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(names, list):
-            return [str(n) for n in names]
-    return []
-
-
-def _multi_seed(doc: dict[str, Any], results_dir: Path) -> list[str]:
-    seeds: dict[str, Any] = {k: v for k, v in (doc.get("seeds") or {}).items() if isinstance(v, dict)}
-    aggregate: dict[str, Any] = doc.get("aggregate") or {}
-    heads = list(dict.fromkeys([*aggregate, *(h for m in seeds.values() for h in m)]))
-    parts = [f"<h2>Metrics over {len(seeds)} seeds</h2>"]
+def _multi_seed(results: Results) -> list[str]:
+    seeds = results.seeds
+    heads = list(dict.fromkeys([*results.metrics, *(h for m in seeds.values() for h in m)]))
     head_row = "".join(f"<th>{_e(s)}<br>acc / mIoU %</th>" for s in seeds)
     body = []
     for h in heads:
-        cells = []
-        for m in seeds.values():
-            hm = m.get(h) if isinstance(m.get(h), dict) else {}
-            cells.append(f'<td class="num">{_num(hm.get("accuracy"))} / {_num(hm.get("miou"))}</td>')
-        agg = aggregate.get(h) or {}
-        cells.append(f'<td class="num">{_num(agg.get("accuracy"))} ± {_num(agg.get("accuracy_std"))}</td>')
-        cells.append(f'<td class="num">{_num(agg.get("miou"))} ± {_num(agg.get("miou_std"))}</td>')
+        cells = [f'<td class="num">{_num(m[h].accuracy)} / {_num(m[h].miou)}</td>' if h in m else "<td>-</td>"
+                 for m in seeds.values()]
+        agg = results.metrics.get(h)
+        cells += [f'<td class="num">{_e(_cell(agg, "accuracy"))}</td><td class="num">{_e(_cell(agg, "miou"))}</td>'
+                  if agg else "<td>-</td><td>-</td>"]
         body.append(f"<tr><td>{_e(_HEAD_TITLES.get(h, h))}</td>{''.join(cells)}</tr>")
-    parts.append(
-        f'<table class="metrics"><tr><th>head</th>{head_row}<th>accuracy mean ± std</th>'
-        f"<th>mIoU mean ± std</th></tr>{''.join(body)}</table>"
-    )
-    parts.append(
-        '<p class="sub">std: sample standard deviation over seeds (0 for one seed). Per-seed '
-        "figures and galleries: <code>hpseg report SEED/eval</code>.</p>"
-    )
-    # per-class IoU averaged over seeds, where every seed has it
+    parts = [f"<h2>Metrics over {len(seeds)} seeds</h2>",
+             f'<table class="metrics"><tr><th>head</th>{head_row}<th>accuracy mean ± std</th>'
+             f"<th>mIoU mean ± std</th></tr>{''.join(body)}</table>",
+             '<p class="sub">std: sample standard deviation over seeds (0 for one seed). Per-seed figures and '
+             "galleries: <code>hpseg report SEED/eval</code>.</p>"]
     mean_iou = []
     for h in heads:
-        lists = [m[h]["iou"] for m in seeds.values() if isinstance(m.get(h), dict) and m[h].get("iou")]
+        lists = [m[h].iou for m in seeds.values() if h in m and m[h].iou]
         if lists and len(lists) == len(seeds) and len({len(x) for x in lists}) == 1:
             cols = []
             for values in zip(*lists):
@@ -349,63 +275,40 @@ def _multi_seed(doc: dict[str, Any], results_dir: Path) -> list[str]:
                 cols.append(sum(good) / len(good) if good else float("nan"))
             mean_iou.append((h, cols))
     if mean_iou:
-        parts.append("<h2>Per-class IoU %, mean over seeds</h2>")
-        parts.append(_iou_table(mean_iou, _seed_class_names(results_dir, list(seeds))))
+        parts += ["<h2>Per-class IoU %, mean over seeds</h2>", _iou_table(mean_iou, results.class_names)]
     return parts
 
 
-def render_report(
-    doc: dict[str, Any],
-    results_dir: Path,
-    page_dir: Path,
-    *,
-    embed: bool = True,
-    source: str = "results.json",
-) -> str:
-    """The report page for a loaded ``results.json`` (``doc``) of ``results_dir``."""
+def render_report(results: Results, results_dir: Path, page_dir: Path, *, embed: bool = True,
+                  source: str = "results.json") -> str:
+    """The report page of ``results`` (read from ``results_dir``)."""
     from hpseg import __version__
 
     images = _Images(results_dir, page_dir, embed)
-    protocol = doc.get("protocol") if isinstance(doc.get("protocol"), dict) else {}
-    assert isinstance(protocol, dict)
-    multi = isinstance(doc.get("seeds"), dict)
-    title = "hpseg evaluation report"
-    if protocol.get("dataset"):
-        title += f" — {protocol.get('dataset')} / {protocol.get('split', '?')}"
-    sub = []
-    if protocol.get("backbone"):
-        sub.append(f"backbone {protocol['backbone']}")
-    if protocol.get("n_images") is not None:
-        sub.append(f"{protocol['n_images']} images")
-    if protocol.get("eval_resolution"):
-        sub.append(f"{protocol['eval_resolution']} px")
-    if "crf" in protocol:
-        sub.append(f"CRF {'on' if protocol.get('crf') else 'off'}")
-    if multi:
-        sub.append(f"{len(doc['seeds'])} seeds")
-    body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub))}</p>']
-    if protocol:  # every figure below was produced under this protocol
-        body.append("<h2>Protocol</h2>")
-        body.append(_kv_table(protocol))
-    body.extend(_multi_seed(doc, results_dir) if multi else _single_run(doc, images, results_dir))
+    p = results.protocol
+    title = f"hpseg evaluation report — {p.dataset} / {p.split}"
+    sub = [f"backbone {p.backbone}", f"{p.n_images} images", f"{p.eval_resolution} px", f"CRF {'on' if p.crf else 'off'}"]
+    if results.seeds:
+        sub.append(f"{len(results.seeds)} seeds")
+    if not p.labelled:
+        sub.append("no labels")
+    body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub))}</p>',
+            "<h2>Protocol</h2>", _kv_table(p.to_dict())]
+    body += _multi_seed(results) if results.seeds else _single_run(results, images, results_dir)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    body.append(
-        f"<footer>generated by hpseg {_e(__version__)} from {_e(source)} on {_e(stamp)}; "
-        "self-contained page (no network access).</footer>"
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head>\n"
-        f"<body>\n{chr(10).join(body)}\n</body></html>\n"
-    )
+    body.append(f"<footer>generated by hpseg {_e(__version__)} from {_e(source)} on {_e(stamp)}; "
+                "self-contained page (no network access).</footer>")
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head>\n"
+            f"<body>\n{chr(10).join(body)}\n</body></html>\n")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, embed: bool = True) -> Path:
     """Write the HTML report of the evaluation in ``run_dir``; returns its path.
 
     Args:
-        run_dir: the results folder of ``hpseg evaluate --out DIR`` (or a run folder with
+        run_dir: the results folder of ``hpseg evaluate`` (or a run folder with
             ``eval/results.json``, or the ``results.json`` file itself).
         out: the HTML file (default: ``report.html`` beside ``results.json``).
         embed: embed images as base64 data URIs (a portable single file); False references
@@ -414,16 +317,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, embed: b
     Raises:
         HPSegError: no or unreadable ``results.json``.
     """
-    results = find_results(run_dir)
-    try:
-        doc = json.loads(results.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise HPSegError(f"cannot read {results} ({exc}): re-run `hpseg evaluate RUN --out DIR`") from exc
-    if not isinstance(doc, dict) or not ({"metrics", "seeds"} & set(doc)):
-        raise HPSegError(f"{results} is not an hpseg results file (no metrics): re-run `hpseg evaluate`")
-    target = Path(out) if out is not None else results.parent / "report.html"
+    results_file = find_results(Path(run_dir))
+    results = Results.read(results_file)
+    target = Path(out) if out is not None else results_file.parent / "report.html"
     if target.is_dir():
         target = target / "report.html"
-    page = render_report(doc, results.parent, target.parent, embed=embed, source=str(results))
+    page = render_report(results, results_file.parent, target.parent, embed=embed, source=str(results_file))
     atomic_write_text(target, page)
     return target

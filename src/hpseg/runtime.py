@@ -1,12 +1,29 @@
-"""Device, precision and seeding: one path for CPU, CUDA and mixed precision."""
+"""Where and how computation runs: one :class:`Runtime` decided at the entry point.
+
+The entry layer (``hpseg.pipeline``, the CLI, the demo) builds a :class:`Runtime` once — device,
+numeric precision, distributed rank and world size, whether to show progress bars — and passes
+it down. Library code never reads environment variables or picks a device on its own; it asks
+the runtime for an autocast context, a gradient scaler or the matmul precision of the loss.
+
+Precision (``train.precision``):
+
+* ``fp16`` — autocast to float16 with a gradient scaler initialised as the authors' code does
+  (``init_scale=2048, growth_interval=1000``); the paper presets use it;
+* ``bf16`` — autocast to bfloat16 (no scaler needed);
+* ``fp32`` — no autocast;
+* ``auto`` — bf16 where the GPU supports it, else fp16.
+
+Mixed precision applies to CUDA only: on CPU (and Apple MPS) everything runs in float32, and
+the runtime says so once in the log.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,16 +32,22 @@ from hpseg.errors import HPSegError
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PRECISIONS", "Runtime", "eval_mode", "resolve_device", "seed_everything"]
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU; explicit names are checked.
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+#: the authors' GradScaler settings (run.py)
+FP16_INIT_SCALE, FP16_GROWTH_INTERVAL = 2048.0, 1000
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA (``cuda:<local_rank>``), then Apple MPS, then CPU; explicit names
+    are checked. A bare ``cuda`` becomes ``cuda:<local_rank>`` (one GPU per process).
 
     Raises:
         HPSegError: the requested device is not available on this machine.
     """
     if name == "auto":
         if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
@@ -32,31 +55,97 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise HPSegError(f"train.device={name!r} is not a device name: use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HPSegError(f"train.device={name!r} but CUDA is not available here: use train.device=cpu")
+        raise HPSegError(f"device {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HPSegError(f"device {name!r} but CUDA is not available here: use train.device=cpu (or --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise HPSegError(f"device {name!r} but Apple MPS is not available here: use cpu")
     return device
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype used for ``device`` (None: full precision)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+@dataclass(frozen=True)
+class Runtime:
+    """Device, precision, distributed position and progress display of one process.
 
+    Attributes:
+        device: where tensors live.
+        precision: the *effective* precision: ``fp16`` | ``bf16`` | ``fp32`` (``auto`` resolved;
+            ``fp32`` whenever the device is not CUDA).
+        requested: the precision asked for (for the protocol block).
+        rank, world_size, local_rank: this process in a torchrun job (0, 1, 0 otherwise).
+        progress: show progress bars (main process only).
+    """
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
-    dtype = amp_dtype(device)
-    if not enabled or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    device: torch.device
+    precision: str = "fp32"
+    requested: str = "fp32"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    progress: bool = False
 
+    @classmethod
+    def create(
+        cls,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        progress: bool = False,
+    ) -> Runtime:
+        """Resolve ``device`` and ``precision`` (see the module docstring)."""
+        if precision not in PRECISIONS:
+            raise HPSegError(f"train.precision={precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
+        dev = device if isinstance(device, torch.device) else resolve_device(device, local_rank)
+        effective = "fp32"
+        if dev.type == "cuda":
+            effective = precision
+            if precision == "auto":
+                effective = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            if effective == "bf16" and not torch.cuda.is_bf16_supported():
+                raise HPSegError(f"{dev} does not support bfloat16: use train.precision=fp16")
+        elif precision in ("fp16", "bf16") and rank == 0:
+            log.info("train.precision=%s applies to CUDA only: running in fp32 on %s", precision, dev)
+        return cls(dev, effective, precision, rank, world_size, local_rank, progress and rank == 0)
 
-def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
-    """A gradient scaler, active only for fp16 autocast (bf16 and fp32 need none)."""
-    use = enabled and amp_dtype(device) is torch.float16
-    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=use)
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, validates and writes files."""
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None for full precision."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Mixed precision per :attr:`precision`; a no-op in fp32."""
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler, active only for fp16 (with the authors' settings)."""
+        enabled = self.precision == "fp16"
+        return torch.amp.GradScaler(self.device.type if enabled else "cpu", init_scale=FP16_INIT_SCALE,
+                                    growth_interval=FP16_GROWTH_INTERVAL, enabled=enabled)
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """Precision of the loss's similarity products: float16 under CUDA mixed precision (as
+        the authors' autocast), float32 otherwise."""
+        return torch.float16 if self.device.type == "cuda" and self.precision != "fp32" else torch.float32
+
+    def describe(self) -> str:
+        """``"cuda:0 · fp16"`` (plus the rank when distributed)."""
+        where = f" · rank {self.rank}/{self.world_size}" if self.world_size > 1 else ""
+        return f"{self.device} · {self.precision}{where}"
 
 
 def seed_everything(seed: int) -> None:

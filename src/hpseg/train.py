@@ -1,17 +1,20 @@
-"""Training: the Hidden Positives step and a short engine loop around it.
+"""Training: the Hidden Positives step and a short engine loop around it (docs/method.md §7).
 
-One step, as data (hp-method §7, architecture.md)::
+One step, as data::
 
     images ──backbone (frozen)──► feats (B,F,S,S), attn_logits (B,H,1+S²,1+S²)
     feats ──SegmentationHead──► code (B,D,S,S)      feats ──EMA head──► code_ema
     code ──local_propagation(attn_logits)──► code_lhp
     code, code_lhp ──ProjectionHead + L2──► z, z_lhp (N,D)
     feats, code_ema ──L2──► f, s ──vs pools──► task-agnostic / task-specific positives
-    hidden_positive_loss(...) + α·consistency(z, z_aug) + probe losses on code.detach()
+    hidden-positive loss + α·consistency(z, z_aug) + probe losses on code.detach()
+    EMA update · backward · clip the head · the authors' four optimisers
 
-:class:`HPObjective` is that step from the backbone's outputs to the loss (it is the module
-DistributedDataParallel wraps); :func:`fit` is the loop: pools, λ schedule, renewal, EMA,
-clipping, validation, best-checkpoint selection, resume.
+:class:`HPObjective` is that step from the backbone's outputs to the loss (the module
+DistributedDataParallel wraps), :func:`train_step` one full step, :func:`fit` the loop with its
+named collaborators: :class:`TrainState`, :class:`ReferencePools`, :class:`Optimizers` and the
+:class:`~hpseg.checkpointing.Checkpointer`. Counting follows the authors: the task-specific
+pool is renewed and the model validated on the batch index *within the epoch*.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,21 +31,61 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from hpseg import distributed as dist
+from hpseg.checkpointing import Checkpointer, TrainState, stop_on_signals
+from hpseg.config import LossConfig, TrainConfig
+from hpseg.data.sampler import EpochSampler, SeededItems
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives import (
     consistency_loss,
     hidden_positive_loss,
     lambda_schedule,
     local_propagation,
+    sample_pool_entries,
 )
-from hpseg.io import atomic_torch_save, atomic_write_text
-from hpseg.model import HPModel, save_checkpoint
-from hpseg.runtime import autocast, eval_mode, grad_scaler
+from hpseg.model import HPModel
+from hpseg.runtime import Runtime, eval_mode
+from hpseg.viz import save_figure, training_curve_figure
 
 log = logging.getLogger(__name__)
+
+try:  # TEMPORARY until the loss module lands in hpseg.hidden_positives
+    from hpseg.hidden_positives import HiddenPositiveLoss  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+
+    class HiddenPositiveLoss(nn.Module):  # type: ignore[no-redef]
+        def __init__(self, tau: float, rho: float, *, reweight: bool = True, memory_gb: float | None = None,
+                     chunk_images: int | None = None, path: str = "auto",
+                     matmul_dtype: torch.dtype | None = None) -> None:
+            super().__init__()
+            self.tau, self.rho, self.reweight, self.chunk = tau, rho, reweight, chunk_images or 8
+            self.matmul_dtype = matmul_dtype
+            self.stats: dict[str, Any] = {}
+
+        def forward(self, z: torch.Tensor, z_lhp: torch.Tensor, f: torch.Tensor, s: torch.Tensor,
+                    pa: torch.Tensor, ps: torch.Tensor, *, num_images: int, lam: float,
+                    negative_keep: torch.Tensor | None = None, generator: Any = None) -> torch.Tensor:
+            return hidden_positive_loss(z, z_lhp, f, s, pa, ps, num_images=num_images, tau=self.tau, lam=lam,
+                                        rho=self.rho, negative_keep=negative_keep, reweight=self.reweight,
+                                        chunk_images=self.chunk, matmul_dtype=self.matmul_dtype)
+
+__all__ = [
+    "HPObjective",
+    "Optimizers",
+    "ReferencePools",
+    "StepOutput",
+    "backbone_outputs",
+    "fit",
+    "flatten_patches",
+    "probe_cross_entropy",
+    "selection_score",
+    "train_step",
+]
+
+#: validate(model, pools) -> {"unsupervised": …, "linear": …, "diagnostics": …, "labelled": bool}
+Validator = Callable[[HPModel, "ReferencePools"], dict[str, Any]]
 
 
 def flatten_patches(x: torch.Tensor) -> torch.Tensor:
@@ -50,38 +93,58 @@ def flatten_patches(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """Hyper-parameters of one HP step (hp-method §4–7)."""
+def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
 
-    tau: float = 0.8
-    rho: float = 0.02
-    alpha: float = 0.05
-    sigma: float = 28.0
-    reweight: bool = True
-    chunk_images: int = 8
-    dropout: float = 0.1
+    Labels < 0 or ≥ C are ignored; returns 0 (with a graph) when no label is valid, e.g. for
+    unlabelled folders.
+    """
+    n_classes = logits.shape[1]
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    target = label.clone()
+    target[(target < 0) | (target >= n_classes)] = -1
+    if not bool((target >= 0).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+def selection_score(metrics: dict[str, Any]) -> float:
+    """The authors' best-checkpoint criterion: cluster mIoU + accuracy + linear mIoU + accuracy."""
+    u, lin = metrics["unsupervised"], metrics["linear"]
+    return float(u["miou"] + u["accuracy"] + lin["miou"] + lin["accuracy"])
+
+
+# ------------------------------------------------------------------------------------------
+# the step
+# ------------------------------------------------------------------------------------------
 
 
 class HPObjective(nn.Module):
     """The trainable part of one HP step: heads, projection and probes → losses.
 
-    Holds no parameters of its own; it owns references to the model's trainable modules so that
+    Holds no parameters of its own; it references the model's trainable modules so that
     DistributedDataParallel can wrap a single module whose forward is the whole step.
+
+    Args:
+        model: the model (its ``spec.dropout`` is the Dropout2d rate of the step).
+        loss: the hidden-positive loss module (τ, ρ, reweighting, memory budget).
+        alpha: weight of the photometric consistency loss.
+        sigma: LHP softmax scale.
     """
 
-    def __init__(self, model: HPModel, weights: LossWeights) -> None:
+    def __init__(self, model: HPModel, loss: HiddenPositiveLoss, *, alpha: float, sigma: float) -> None:
         super().__init__()
         self.head = model.head
         self.ema_head = model.ema_head
         self.projection = model.projection
         self.linear_probe = model.linear_probe
         self.cluster_probe = model.cluster_probe
-        self.w = weights
+        self.hp_loss = loss
+        self.alpha, self.sigma, self.dropout = float(alpha), float(sigma), float(model.spec.dropout)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout2d on backbone features / codes (training only, a fresh mask per call)."""
-        return F.dropout2d(x, self.w.dropout, self.training)
+        return F.dropout2d(x, self.dropout, self.training)
 
     def forward(
         self,
@@ -103,45 +166,29 @@ class HPObjective(nn.Module):
             label: labels for the probes ``(B, H_img, W_img)``, −1 = ignore.
             pool_agnostic, pool_specific: reference pools ``(P, F)``, ``(P, D)``.
             lam: weight λ of task-specific positives.
+            negative_keep: explicit ``(N, N)`` denominator draw (parity tests); None draws.
         """
-        num_images = feats.shape[0]
-        # --- heads ------------------------------------------------------------------------
         code = self.head(feats)  # (B,D,S,S), each branch its own dropout
         with torch.no_grad():
-            code_ema = self.drop(self.ema_head(feats, dropout=self.w.dropout if self.training else 0.0))
-        code_lhp = self.drop(local_propagation(attn_logits.float(), code.float(), sigma=self.w.sigma))
-        # --- embeddings -------------------------------------------------------------------
+            code_ema = self.drop(self.ema_head(feats, dropout=self.dropout if self.training else 0.0))
+        code_lhp = self.drop(local_propagation(attn_logits.float(), code.float(), sigma=self.sigma))
         z = self.projection(flatten_patches(code))  # (N,D), L2-normalised
         z_lhp = self.projection(flatten_patches(code_lhp))
         f = F.normalize(flatten_patches(self.drop(feats)).float(), dim=1)  # (N,F)
         s = F.normalize(flatten_patches(code_ema).float(), dim=1)  # (N,D)
-        # --- hidden positives: GHP + LHP ----------------------------------------------------
-        loss_hp = hidden_positive_loss(
-            z.float(),
-            z_lhp.float(),
-            f,
-            s,
-            pool_agnostic,
-            pool_specific,
-            num_images=num_images,
-            tau=self.w.tau,
-            lam=lam,
-            rho=self.w.rho,
-            negative_keep=negative_keep,
-            reweight=self.w.reweight,
-            chunk_images=self.w.chunk_images,
+        loss_hp = self.hp_loss(
+            z.float(), z_lhp.float(), f, s, pool_agnostic, pool_specific,
+            num_images=feats.shape[0], lam=lam, negative_keep=negative_keep,
         )
-        if self.w.alpha > 0:  # photometric consistency (hp-method §7); skipped when its weight is 0
+        if self.alpha > 0:  # photometric consistency (docs/method.md §7); skipped when its weight is 0
             z_aug = self.projection(flatten_patches(self.head(feats_aug)))
             loss_consistency = consistency_loss(z.float(), z_aug.float())
         else:
             loss_consistency = z.new_zeros(())
-        # --- probes on detached code (evaluation heads) --------------------------------------
-        detached = code.detach()
-        linear_logits = self.linear_probe(detached)
-        loss_linear = probe_cross_entropy(linear_logits, label)
+        detached = code.detach()  # the probes learn on the code, never into it
+        loss_linear = probe_cross_entropy(self.linear_probe(detached), label)
         loss_cluster, _ = self.cluster_probe(detached, None)
-        total = loss_hp + self.w.alpha * loss_consistency + loss_linear + loss_cluster
+        total = loss_hp + self.alpha * loss_consistency + loss_linear + loss_cluster
         parts = {
             "loss_hp": loss_hp.detach(),
             "loss_consistency": loss_consistency.detach(),
@@ -151,24 +198,50 @@ class HPObjective(nn.Module):
         return total, parts
 
 
-def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
+class Optimizers:
+    """The authors' four optimisers, stepped as one: AdamW for the segmentation head, Adam for
+    the projection head and the two probes (docs/method.md §7).
 
-    Labels < 0 or ≥ C are ignored; returns 0 (with a graph) when no label is valid, e.g. for
-    unlabelled folders.
+    They stay four because a gradient scaler skips an optimiser whose gradients overflowed: one
+    optimiser with parameter groups would skip the probes together with the head, which the
+    authors' code does not. Clipping applies to the segmentation head only.
     """
-    n_classes = logits.shape[1]
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    target = label.clone()
-    target[(target < 0) | (target >= n_classes)] = -1
-    if not bool((target >= 0).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=-1)
+
+    def __init__(self, model: HPModel, train: TrainConfig) -> None:
+        self.head_params = list(model.head.parameters())
+        self.all: dict[str, torch.optim.Optimizer] = {
+            "head": torch.optim.AdamW(self.head_params, lr=train.lr_head, weight_decay=train.weight_decay),
+            "projection": torch.optim.Adam(model.projection.parameters(), lr=train.lr_projection),
+            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=train.lr_linear),
+            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=train.lr_cluster),
+        }
+        self.grad_clip = train.grad_clip
+
+    def zero_grad(self) -> None:
+        for opt in self.all.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler) -> float:
+        """Unscale and clip the head's gradients, step every optimiser; returns the head's
+        gradient norm before clipping."""
+        scaler.unscale_(self.all["head"])
+        norm = nn.utils.clip_grad_norm_(self.head_params, self.grad_clip)
+        for opt in self.all.values():
+            scaler.step(opt)
+        scaler.update()
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.all.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, opt in self.all.items():
+            opt.load_state_dict(state[name])
 
 
 @torch.no_grad()
 def backbone_outputs(
-    model: HPModel, batch: dict[str, Any], device: torch.device, *, amp: bool, need_aug: bool
+    model: HPModel, batch: dict[str, Any], runtime: Runtime, *, need_aug: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Frozen-backbone ``feats (B,F,S,S)``, ``attn_logits (B,H,1+S²,1+S²)`` and the augmented
     view's ``feats_aug``, in float32.
@@ -178,7 +251,8 @@ def backbone_outputs(
     consistency weight is 0 (``need_aug=False``) the augmented view is not computed at all and
     ``feats`` stands in for it.
     """
-    with autocast(device, amp):
+    device = runtime.device
+    with runtime.autocast():
         if "feats" in batch:
             feats = batch["feats"].to(device, non_blocking=True)
             attn_logits = batch["attn_logits"].to(device, non_blocking=True)
@@ -187,102 +261,122 @@ def backbone_outputs(
             feats, attn_logits = out.feats, out.attn_logits
         feats_aug = feats
         if need_aug:
-            images_aug = batch["img_aug"].to(device, non_blocking=True)
-            feats_aug = model.backbone(images_aug, with_attention=False).feats
+            feats_aug = model.backbone.features(batch["img_aug"].to(device, non_blocking=True))
     return feats.float(), attn_logits.float(), feats_aug.float()
 
 
-# ------------------------------------------------------------------------------------------
-# reference pools (hp-method §3)
-# ------------------------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    """What one training step reports."""
+
+    loss: float
+    parts: dict[str, float]
+    grad_norm: float
 
 
-@torch.no_grad()
-def collect_pool(
+def train_step(
+    step_module: nn.Module,
     model: HPModel,
-    loader: DataLoader,
-    pool_size: int,
-    device: torch.device,
+    batch: dict[str, Any],
+    pools: ReferencePools,
+    lam: float,
+    optimizers: Optimizers,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
     *,
-    which: str,
-    dropout: float,
-    amp: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A reference pool: one random patch per training image, L2-normalised.
+    ema_m: float,
+    negative_keep: torch.Tensor | None = None,
+) -> StepOutput:
+    """One HP training step (docs/method.md §7), in the authors' order: frozen backbone, the
+    objective's forward, the EMA update (after the forward that used the EMA head, before the
+    optimisers move the head), backward, clipping, the four optimiser steps.
 
-    ``which="agnostic"`` samples ``Dropout2d(feats)`` → ``(P, F)``; ``which="specific"`` samples
-    ``Dropout2d(code_ema)`` → ``(P, D)`` (each EMA branch sees its own input mask). In distributed runs every rank
-    contributes ``pool_size / world`` images and the gathered pool is identical on all ranks.
-    When the dataset holds fewer than ``pool_size`` images, the pool has one entry per image
-    (the authors' code would leave zero rows, which only lowers thresholds to ≥ 0).
+    ``step_module`` is the :class:`HPObjective` (or its DistributedDataParallel wrapper).
+
+    Raises:
+        HPSegError: the loss is not finite (checked before anything is updated).
     """
-    per_rank = math.ceil(pool_size / dist.world_size())
-    rows: list[torch.Tensor] = []
-    taken = 0
-    for batch in loader:
-        with autocast(device, amp):
-            if "feats" in batch:  # cached backbone outputs
-                feats = batch["feats"].to(device, non_blocking=True).float()
-            else:
-                feats = model.backbone(batch["img"].to(device, non_blocking=True), with_attention=False).feats
-            if which == "specific":  # Dropout2d(ema_head(·)) with a mask per EMA branch, as the authors
-                x = F.dropout2d(model.ema_head(feats, dropout=dropout), dropout, True)
-            else:
-                x = F.dropout2d(feats, dropout, True)
-        flat = x.float().flatten(2)  # (B, C, S²)
-        idx = torch.randint(flat.shape[2], (flat.shape[0],), generator=generator, device="cpu").to(device)
-        rows.append(flat[torch.arange(flat.shape[0], device=device), :, idx])
-        taken += flat.shape[0]
-        if taken >= per_rank:
-            break
-    if not rows:
-        raise RuntimeError("the training loader yielded no images for the reference pool")
-    pool = torch.cat(rows)[:per_rank]
-    if dist.is_distributed():
-        # ranks may hold different counts at the very end of small datasets: pad to per_rank
-        if pool.shape[0] < per_rank:
-            pad = pool[torch.arange(per_rank - pool.shape[0], device=device) % pool.shape[0]]
-            pool = torch.cat([pool, pad])
-        pool = dist.all_gather_cat(pool)[:pool_size]
-    return F.normalize(pool, dim=1)
+    objective: Any = step_module.module if isinstance(step_module, nn.parallel.DistributedDataParallel) else step_module
+    label = batch["label"].to(runtime.device, non_blocking=True)
+    feats, attn_logits, feats_aug = backbone_outputs(model, batch, runtime, need_aug=objective.alpha > 0)
+    with runtime.autocast():
+        loss, parts = step_module(feats, attn_logits, feats_aug, label, pools.agnostic, pools.specific, lam,
+                                  negative_keep)
+    if not bool(torch.isfinite(loss)):
+        raise HPSegError(
+            f"non-finite loss {float(loss)} ({', '.join(f'{k} {float(v):.4g}' for k, v in parts.items())}): "
+            "lower the learning rates or use train.precision=fp32"
+        )
+    model.ema_head.ema_update(model.head, ema_m)
+    optimizers.zero_grad()
+    scaler.scale(loss).backward()
+    grad_norm = optimizers.step(scaler)
+    return StepOutput(float(loss.detach()), {k: float(v) for k, v in parts.items()}, grad_norm)
 
 
 # ------------------------------------------------------------------------------------------
-# data order: resumable, distributed-aware shuffling
+# reference pools (docs/method.md §3)
 # ------------------------------------------------------------------------------------------
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, split across ranks, that can start mid-epoch.
+class ReferencePools:
+    """The task-agnostic pool ``(P, F)`` (built once) and the task-specific pool ``(P, D)``
+    (renewed every ``renew_interval`` batches): one random patch of ``Dropout2d(feats)`` /
+    ``Dropout2d(code_ema)`` per training image, L2-normalised.
 
-    Resuming at iteration ``k`` of an epoch replays exactly the batches the interrupted run
-    would have seen next, without loading the skipped images.
+    ``loader`` yields training batches in a fresh order per call of :meth:`renew_specific`
+    (an :class:`~hpseg.data.sampler.EpochSampler` epoch per renewal). In distributed runs every
+    rank contributes ``size / world`` images and the gathered pools are identical everywhere.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch = 0
-        self.start_batch = 0
+    def __init__(self, size: int, dropout: float, generator: torch.Generator) -> None:
+        self.size, self.dropout, self.generator = size, dropout, generator
+        self.agnostic = torch.empty(0)
+        self.specific = torch.empty(0)
 
-    def batches_per_epoch(self) -> int:
-        """Full batches each rank sees per epoch (incomplete batches are dropped)."""
-        return (self.n // self.world) // self.batch_size
+    @torch.no_grad()
+    def collect(self, model: HPModel, batches: Iterable[dict[str, Any]], runtime: Runtime, which: str) -> torch.Tensor:
+        """One pool (``which``: ``"agnostic"`` or ``"specific"``) from ``batches``."""
+        per_rank = math.ceil(self.size / runtime.world_size)
+        rows: list[torch.Tensor] = []
+        for batch in batches:
+            with runtime.autocast():
+                if "feats" in batch:  # cached backbone outputs
+                    feats = batch["feats"].to(runtime.device, non_blocking=True).float()
+                else:
+                    feats = model.backbone.features(batch["img"].to(runtime.device, non_blocking=True))
+                if which == "specific":  # Dropout2d(ema_head(·)) with a mask per EMA branch, as the authors
+                    x = F.dropout2d(model.ema_head(feats, dropout=self.dropout), self.dropout, True)
+                else:
+                    x = F.dropout2d(feats, self.dropout, True)
+            rows.append(sample_pool_entries(x.float(), generator=self.generator))
+            if sum(r.shape[0] for r in rows) >= per_rank:
+                break
+        if not rows:
+            raise HPSegError("the training set yielded no images for the reference pools: check the data")
+        pool = torch.cat(rows)[:per_rank]
+        if runtime.world_size > 1:
+            if pool.shape[0] < per_rank:  # ranks may hold fewer images at the very end of small datasets
+                pool = torch.cat([pool, pool[torch.arange(per_rank - pool.shape[0], device=pool.device) % pool.shape[0]]])
+            pool = dist.all_gather_cat(pool)[: self.size]
+        return pool
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch's permutation and the first batch to yield."""
-        self.epoch, self.start_batch = epoch, start_batch
+    def build(self, model: HPModel, batches: Callable[[int], Iterable[dict[str, Any]]], runtime: Runtime) -> None:
+        """Both pools, at the start of training (``batches(k)`` yields the k-th pass)."""
+        self.agnostic = self.collect(model, batches(0), runtime, "agnostic")
+        self.specific = self.collect(model, batches(0), runtime, "specific")
 
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        per_rank = self.n // self.world
-        mine = perm[self.rank * per_rank : (self.rank + 1) * per_rank]
-        usable = self.batches_per_epoch() * self.batch_size
-        return iter(mine[self.start_batch * self.batch_size : usable].tolist())
+    def renew_specific(self, model: HPModel, batches: Iterable[dict[str, Any]], runtime: Runtime) -> None:
+        """Rebuild the task-specific pool from the current EMA head."""
+        self.specific = self.collect(model, batches, runtime, "specific")
 
-    def __len__(self) -> int:
-        return max(0, (self.batches_per_epoch() - self.start_batch) * self.batch_size)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"agnostic": self.agnostic.cpu(), "specific": self.specific.cpu(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.agnostic, self.specific = state["agnostic"].to(device), state["specific"].to(device)
+        self.generator.set_state(state["generator"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,321 +384,151 @@ class EpochSampler(Sampler[int]):
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainSettings:
-    """Everything :func:`fit` needs besides the model and the data (built by the entry layer)."""
-
-    out_dir: Path
-    epochs: int
-    batch_size: int
-    max_iters: int | None
-    lr_head: float
-    weight_decay: float
-    lr_projection: float
-    lr_linear: float
-    lr_cluster: float
-    grad_clip: float
-    amp: bool
-    valid_freq: int
-    log_freq: int
-    seed: int
-    warmup: int
-    pool_size: int
-    renew_interval: int
-    ema_m: float
-    num_workers: int
-    progress: bool
-    loss: LossWeights
-    config: dict[str, Any]
-    validate: Any = None  # callable(model) -> metrics dict with "unsupervised"/"linear"
+def _loader(dataset: Dataset[Any], sampler: EpochSampler, batch: int, workers: int, runtime: Runtime) -> DataLoader:
+    """A loader over ``(index, augmentation seed)`` keys; its own generator keeps the global
+    random stream untouched (exact resume)."""
+    return DataLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+                      pin_memory=runtime.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
-def selection_score(metrics: dict[str, Any]) -> float:
-    """The authors' best-checkpoint criterion: cluster mIoU + accuracy + linear mIoU + accuracy."""
-    u, lin = metrics["unsupervised"], metrics["linear"]
-    return float(u["miou"] + u["accuracy"] + lin["miou"] + lin["accuracy"])
+def _passes(loader: DataLoader, sampler: EpochSampler) -> Callable[[int], Iterator[dict[str, Any]]]:
+    def one_pass(k: int) -> Iterator[dict[str, Any]]:
+        sampler.set_epoch(k)
+        return iter(loader)
 
-
-def _optimizers(model: HPModel, s: TrainSettings) -> dict[str, torch.optim.Optimizer]:
-    return {
-        "head": torch.optim.AdamW(model.head.parameters(), lr=s.lr_head, weight_decay=s.weight_decay),
-        "projection": torch.optim.Adam(model.projection.parameters(), lr=s.lr_projection),
-        "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=s.lr_linear),
-        "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=s.lr_cluster),
-    }
-
-
-class _JsonlLog:
-    """Append-only ``metrics.jsonl`` (main process only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        if dist.is_main():
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+    return one_pass
 
 
 def fit(
     model: HPModel,
     train_set: Dataset[Any],
-    settings: TrainSettings,
-    device: torch.device,
+    *,
+    train: TrainConfig,
+    loss: LossConfig,
+    runtime: Runtime,
+    out_dir: Path,
+    config: dict[str, Any],
+    num_workers: int = 0,
+    validate: Validator | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with Hidden Positives; resume from ``out_dir/last.pt`` when present.
 
-    Writes in ``settings.out_dir``: ``last.pt`` (full training state, for resuming),
-    ``best.pt`` (the model of the best validation, or the final model without validation),
-    ``metrics.jsonl`` and ``training_curve.png``. Returns a summary dict.
+    Writes in ``out_dir``: ``last.pt`` (the full training state, random streams included: a
+    resumed run ends with the weights of an uninterrupted one), ``best.pt`` (the best validation
+    by the authors' criterion; without labels the final model, said so in the log),
+    ``final.pt``, ``metrics.jsonl``, ``training_curve.png``, ``train_summary.json``.
     """
-    s = settings
     n_train = len(train_set)  # type: ignore[arg-type]
-    out = s.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    rank, world = dist.rank(), dist.world_size()
-    per_rank_batch = s.batch_size // world
-    if per_rank_batch < 2:
-        raise ValueError(f"train.batch_size={s.batch_size} over {world} processes leaves < 2 images per rank")
-    if s.batch_size % world:
-        raise HPSegError(
-            f"train.batch_size={s.batch_size} is not divisible by the {world} processes: "
-            f"use a multiple of {world} (each process takes batch_size / processes images)"
-        )
-    run_info = {"world_size": world, "per_rank_batch": per_rank_batch, "global_batch": per_rank_batch * world}
-    log.info("batch %d = %d images per process × %d processes", s.batch_size, per_rank_batch, world)
-
-    sampler = EpochSampler(n_train, per_rank_batch, s.seed, rank, world)
+    per_rank = train.batch_size // runtime.world_size
+    if train.batch_size % runtime.world_size or per_rank < 2:
+        raise HPSegError(f"train.batch_size={train.batch_size} is not divisible into {runtime.world_size} shares "
+                         f"of at least 2 images: use a multiple of {runtime.world_size} (each process takes "
+                         "batch_size / processes images)")
+    sampler = EpochSampler(n_train, per_rank, train.seed, runtime.rank, runtime.world_size)
     iters_per_epoch = sampler.batches_per_epoch()
     if iters_per_epoch < 1:
-        raise ValueError(
-            f"the training set has {n_train} images, fewer than one batch of {s.batch_size}: "
-            "lower train.batch_size"
-        )
-    max_iters = iters_per_epoch * s.epochs
-    if s.max_iters is not None:
-        max_iters = min(max_iters, s.max_iters)
-    loader = DataLoader(
-        train_set,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        num_workers=s.num_workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    pool_gen = torch.Generator().manual_seed(s.seed + 7919 * (rank + 1))
-    pool_sampler = EpochSampler(n_train, per_rank_batch, s.seed + 1, rank, world)
-    pool_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=pool_sampler, num_workers=s.num_workers)
+        raise HPSegError(f"the training set has {n_train} images, fewer than one batch of {train.batch_size}: "
+                         "lower train.batch_size")
+    max_iters = iters_per_epoch * train.epochs if train.max_iters is None else min(
+        iters_per_epoch * train.epochs, train.max_iters)
+    loader = _loader(train_set, sampler, per_rank, num_workers, runtime)
+    pool_sampler = EpochSampler(n_train, per_rank, train.seed + 1, runtime.rank, runtime.world_size)
+    pool_batches = _passes(_loader(train_set, pool_sampler, per_rank, num_workers, runtime), pool_sampler)
+    pool_size = min(loss.pool_size, n_train)
+    if pool_size < loss.pool_size:
+        log.info("reference pools capped at %d entries: the training set has %d images (loss.pool_size=%d)",
+                 pool_size, n_train, loss.pool_size)
+    pools = ReferencePools(pool_size, model.spec.dropout,
+                           torch.Generator().manual_seed(train.seed + 7919 * (runtime.rank + 1)))
 
-    objective = HPObjective(model, s.loss)
+    model.to(runtime.device)
+    hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
+                                 chunk_images=loss.chunk_images, matmul_dtype=runtime.matmul_dtype)
+    objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
     step_module: nn.Module = objective
-    if dist.is_distributed():
+    if runtime.world_size > 1:  # the objective's modules hold no buffers: buffer syncing is a no-op
         step_module = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
-        )  # the objective's modules hold no buffers: the default buffer syncing is a no-op
-    optimizers = _optimizers(model, s)
-    scaler = grad_scaler(device, s.amp)
-    log_file = _JsonlLog(out / "metrics.jsonl")
-
-    state: dict[str, Any] = {"iteration": 0, "best_score": -math.inf, "best_iteration": -1, "best_metrics": None}
-    pool_agnostic = torch.empty(0)
-    pool_specific = torch.empty(0)
-    last_path = out / "last.pt"
-    if last_path.is_file():
-        ckpt = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt["state"])
-        pool_agnostic, pool_specific = ckpt["pool_agnostic"].to(device), ckpt["pool_specific"].to(device)
-        torch.set_rng_state(ckpt["rng_cpu"])
-        pool_gen.set_state(ckpt["rng_pool"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        log.info("resumed from %s at iteration %d", last_path, state["iteration"])
-
-    model.train()
-    if pool_agnostic.numel() == 0:
-        log.info("building reference pools (%d images)", s.pool_size)
-        pool_agnostic = collect_pool(
-            model, pool_loader, s.pool_size, device, which="agnostic", dropout=s.loss.dropout, amp=s.amp,
-            generator=pool_gen,
-        )
-        pool_specific = collect_pool(
-            model, pool_loader, s.pool_size, device, which="specific", dropout=s.loss.dropout, amp=s.amp,
-            generator=pool_gen,
-        )
-
-    def save_last() -> None:
-        if not dist.is_main():
-            return
-        payload = {
-            "model": model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "scaler": scaler.state_dict(),
-            "state": state,
-            "pool_agnostic": pool_agnostic.cpu(),
-            "pool_specific": pool_specific.cpu(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_pool": pool_gen.get_state(),
-            "config": s.config,
-        }
-        if device.type == "cuda":
-            payload["rng_cuda"] = torch.cuda.get_rng_state(device)
-        atomic_torch_save(payload, last_path)
-
-    def validate_and_select(epoch: int) -> None:
-        if s.validate is None:
-            return
-        if dist.is_main():
-            with eval_mode(model):
-                metrics = s.validate(model)
-            score = selection_score(metrics)
-            record = {"iteration": state["iteration"], "epoch": epoch, "val": metrics, "score": score}
-            log_file.write(record)
-            improved = score >= state["best_score"]
-            if improved:
-                state.update(best_score=score, best_iteration=state["iteration"], best_metrics=metrics)
-                save_checkpoint(out / "best.pt", model, config=s.config, extra={"metrics": metrics,
-                                "iteration": state["iteration"]})
-            log.info(
-                "val @%d: unsupervised acc %.2f mIoU %.2f | linear acc %.2f mIoU %.2f%s",
-                state["iteration"], metrics["unsupervised"]["accuracy"], metrics["unsupervised"]["miou"],
-                metrics["linear"]["accuracy"], metrics["linear"]["miou"], "  (best)" if improved else "",
-            )
-        dist.barrier()
+            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    optimizers = Optimizers(model, train)
+    scaler = runtime.grad_scaler()
+    state = TrainState()
+    ckpt = Checkpointer(out_dir, runtime, config)
+    if ckpt.resume(model, optimizers, scaler, pools, state):
+        log.info("resumed from %s at iteration %d", ckpt.last_path, state.iteration)
+    else:
+        log.info("building reference pools (%d images)", pool_size)
+        model.train()
+        pools.build(model, pool_batches, runtime)
+    log.info("training %d iterations (%d per epoch, batch %d = %d × %d processes) on %s", max_iters,
+             iters_per_epoch, train.batch_size, per_rank, runtime.world_size, runtime.describe())
 
     progress = None
-    if s.progress and dist.is_main():
+    if runtime.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=max_iters, initial=state["iteration"], desc="train", unit="it", dynamic_ncols=True)
-
-    def _loop() -> None:
-        nonlocal pool_specific
-        while state["iteration"] < max_iters:
-            it = state["iteration"]
-            epoch, start_batch = divmod(it, iters_per_epoch)
-            sampler.set_epoch(epoch, start_batch)
+        progress = tqdm(total=max_iters, initial=state.iteration, desc="train", unit="it", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    model.train()
+    with stop_on_signals() as stop:
+        while state.iteration < max_iters:
+            epoch, start = divmod(state.iteration, iters_per_epoch)
+            sampler.set_epoch(epoch, start)
             for batch in loader:
-                it = state["iteration"]
-                if it >= max_iters:
-                    break
-                lam = lambda_schedule(it, s.warmup, max_iters)
+                it = state.iteration
                 i = it - epoch * iters_per_epoch  # batch index within the epoch (the authors' count)
-                if i % s.renew_interval == 0 and i != 0:
-                    pool_sampler.set_epoch(it // s.renew_interval)  # fresh images each renewal
-                    pool_specific = collect_pool(
-                        model, pool_loader, s.pool_size, device, which="specific", dropout=s.loss.dropout,
-                        amp=s.amp, generator=pool_gen,
-                    )
-                label = batch["label"].to(device, non_blocking=True)
-                # frozen backbone: features and last-block attention logits (or their cached copies)
-                feats, attn_logits, feats_aug = backbone_outputs(model, batch, device, amp=s.amp,
-                                                                 need_aug=s.loss.alpha > 0)
-                with autocast(device, s.amp):
-                    loss, parts = step_module(feats, attn_logits, feats_aug, label, pool_agnostic, pool_specific, lam)
-                # EMA after the forward that used it, before the update (as the authors' featurizer)
-                model.ema_head.ema_update(model.head, s.ema_m)
-
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizers["head"])
-                grad_norm = nn.utils.clip_grad_norm_(model.head.parameters(), s.grad_clip)
-                for opt in optimizers.values():
-                    scaler.step(opt)
-                scaler.update()
-                state["iteration"] = it + 1
-
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at iteration {it}: {float(loss)}")
+                if i % loss.renew_interval == 0 and i != 0:
+                    pools.renew_specific(model, pool_batches(1 + it // loss.renew_interval), runtime)
+                lam = lambda_schedule(it, loss.warmup, max_iters)
+                out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m)
+                state.iteration = it + 1
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lam=f"{lam:.2f}")
-                if it % s.log_freq == 0 or it + 1 == max_iters:
-                    record = {
-                        "iteration": it,
-                        "epoch": epoch,
-                        "loss": float(loss.detach()),
-                        **{k: float(v) for k, v in parts.items()},
-                        "lambda": lam,
-                        "grad_norm": float(grad_norm),
-                        "seconds": round(time.perf_counter() - t0, 3),
-                    }
-                    log_file.write(record)
-                end_of_epoch = i + 1 == iters_per_epoch
-                if (i + 1) % s.valid_freq == 0 or end_of_epoch or it + 1 == max_iters:
-                    validate_and_select(epoch)
-                    save_last()
-
-    t0 = time.perf_counter()
-    try:
-        _loop()
-    except KeyboardInterrupt:
-        log.warning("interrupted at iteration %d: saving %s to resume from", state["iteration"], last_path)
-        save_last()
-        raise
+                    progress.set_postfix(loss=f"{out.loss:.3f}", lam=f"{lam:.2f}")
+                if it % train.log_freq == 0 or it + 1 == max_iters:
+                    ckpt.log({"iteration": it, "epoch": epoch, "loss": out.loss, **out.parts, "lambda": lam,
+                              "grad_norm": out.grad_norm, **{f"train_{k}": v for k, v in hp_loss.stats.items()},
+                              "seconds": round(time.perf_counter() - t0, 3)})
+                if (i + 1) % train.valid_freq == 0 or i + 1 == iters_per_epoch or it + 1 == max_iters:
+                    _validate(model, pools, validate, state, ckpt, epoch)
+                    ckpt.save_last(model, optimizers, scaler, pools, state)
+                if stop.requested:
+                    ckpt.save_last(model, optimizers, scaler, pools, state)
+                    raise KeyboardInterrupt(f"stopped at iteration {state.iteration}: run the same command to resume")
+                if state.iteration >= max_iters:
+                    break
     if progress is not None:
         progress.close()
-
-    if dist.is_main():
-        if s.validate is None or not (out / "best.pt").is_file():
-            save_checkpoint(out / "best.pt", model, config=s.config, extra={"iteration": state["iteration"]})
-        save_checkpoint(out / "final.pt", model, config=s.config, extra={"iteration": state["iteration"]})
-        plot_training_curve(out / "metrics.jsonl", out / "training_curve.png")
-        summary = {**_summary(state, max_iters, t0), **run_info}
-        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    summary = {**ckpt.finish(model, state, labelled=state.best_iteration >= 0), "max_iters": max_iters,
+               "seconds": round(time.perf_counter() - t0, 2), "world_size": runtime.world_size,
+               "per_rank_batch": per_rank, "global_batch": per_rank * runtime.world_size}
+    if runtime.is_main:
+        rows = [json.loads(line) for line in ckpt.metrics_path.read_text().splitlines() if line.strip()]
+        save_figure(training_curve_figure(rows), out_dir / "training_curve.png")
+        ckpt.write_summary(summary)
     dist.barrier()
-    return {**_summary(state, max_iters, t0), **run_info}
+    return summary
 
 
-def _summary(state: dict[str, Any], max_iters: int, t0: float) -> dict[str, Any]:
-    return {
-        "iterations": state["iteration"],
-        "max_iters": max_iters,
-        "best_iteration": state["best_iteration"],
-        "best_score": state["best_score"] if math.isfinite(state["best_score"]) else None,
-        "best_metrics": state["best_metrics"],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
-def plot_training_curve(jsonl: Path, png: Path) -> None:
-    """Loss parts and validation mIoU against iterations, from ``metrics.jsonl``."""
-    if not jsonl.is_file():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train_rows: list[dict[str, Any]] = []
-    val_rows: list[dict[str, Any]] = []
-    for line in jsonl.read_text().splitlines():
-        row = json.loads(line)
-        (val_rows if "val" in row else train_rows).append(row)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "loss_hp", "loss_consistency", "loss_linear", "loss_cluster"):
-        pts = [(r["iteration"], r[key]) for r in train_rows if key in r]
-        if pts:
-            axes[0].plot(*zip(*pts), label=key)
-    axes[0].set_xlabel("iteration")
-    axes[0].set_title("training losses")
-    axes[0].legend(fontsize=7)
-    for head in ("unsupervised", "linear"):
-        pts = [(r["iteration"], r["val"][head]["miou"]) for r in val_rows]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=f"{head} mIoU")
-    axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("%")
-    axes[1].set_title("validation")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
+def _validate(model: HPModel, pools: ReferencePools, validate: Validator | None, state: TrainState,
+              ckpt: Checkpointer, epoch: int) -> None:
+    """Validate on the main process, log, and keep ``best.pt`` by the authors' criterion."""
+    if validate is not None and ckpt.runtime.is_main:
+        with eval_mode(model):
+            metrics = validate(model, pools)
+        record: dict[str, Any] = {"iteration": state.iteration, "epoch": epoch, "val": metrics}
+        if metrics.get("labelled", True):
+            score = selection_score(metrics)
+            record["score"] = score
+            improved = score >= state.best_score
+            if improved:
+                state.best_score, state.best_iteration, state.best_metrics = score, state.iteration, metrics
+                ckpt.save_best(model, metrics, state.iteration)
+            u, lin = metrics["unsupervised"], metrics["linear"]
+            log.info("val @%d: unsupervised acc %.2f mIoU %.2f | linear acc %.2f mIoU %.2f%s", state.iteration,
+                     u["accuracy"], u["miou"], lin["accuracy"], lin["miou"], "  (best)" if improved else "")
+        else:
+            log.info("val @%d (no labels): %s", state.iteration,
+                     " · ".join(f"{k} {v:.3g}" for k, v in metrics.get("diagnostics", {}).items()
+                                if isinstance(v, (int, float))))
+        ckpt.log(record)
+    dist.barrier()

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from hpseg.config import DATASETS
 from hpseg.data.cityscapes import Cityscapes27
 from hpseg.data.cocostuff import CocoStuff27
 from hpseg.data.common import (
@@ -30,18 +31,18 @@ from hpseg.data.common import (
 from hpseg.data.folder import FolderDataset
 from hpseg.data.potsdam import Potsdam3
 from hpseg.data.prepare import CroppedDataset, cropped_dir, prepare_five_crop
+from hpseg.data.sampler import EpochSampler, SeededItems
 from hpseg.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SegmentationTransform,
     check_mode,
-    denormalize,
     normalize,
     photometric_augmentation,
 )
 from hpseg.errors import HPSegError
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
-DATASET_NAMES = ("cocostuff27", "cityscapes27", "potsdam3", "folder", "synthetic")
+#: every dataset hpseg reads (the one list, :data:`hpseg.config.DATASETS`)
+DATASET_NAMES = DATASETS
 
 _FIXED: dict[str, Callable[..., SegmentationDataset]] = {
     "cocostuff27": CocoStuff27,
@@ -60,9 +61,11 @@ __all__ = [
     "Cityscapes27",
     "CocoStuff27",
     "CroppedDataset",
+    "EpochSampler",
     "FolderDataset",
     "Potsdam3",
     "SegmentationDataset",
+    "SeededItems",
     "SegmentationTransform",
     "UnreadableFileError",
     "build_dataset",

@@ -24,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from hpseg.data.transforms import SegmentationTransform
-from hpseg.errors import HPSegError
+from hpseg.errors import HPSegError, UnreadableFileError
+from hpseg.imaging import open_rgb as read_image
 
 IGNORE_INDEX = -1
 """Label value of pixels that count for no class (in memory; on disk the datasets differ)."""
@@ -33,31 +34,6 @@ DOCS_HINT = "see docs/datasets.md"
 
 # Decoding errors PIL and numpy raise for damaged files (truncated data, bad headers, ...).
 _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError)
-
-
-class UnreadableFileError(HPSegError):
-    """An image or label file of the dataset that is missing or cannot be decoded.
-
-    ``path`` is the offending file, so that a training loop may log and skip the item. The
-    message alone also constructs it (``UnreadableFileError(message)``), which lets DataLoader
-    workers re-raise it with its type in the main process.
-    """
-
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-
-    @classmethod
-    def for_file(cls, path: str | Path, reason: str) -> UnreadableFileError:
-        """The error for ``path``, with a message naming the file, the problem and the fix."""
-        return cls(
-            f"cannot read {path} ({reason}): the file is missing or damaged; re-download or re-extract it, "
-            "or delete it and its entry from the image list",
-            path,
-        )
-
-    def __reduce__(self) -> tuple[type[UnreadableFileError], tuple[str, Path | None]]:
-        return (type(self), (str(self), self.path))
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,23 +69,6 @@ def apply_lookup(table: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.full(values.shape, IGNORE_INDEX, dtype=np.int64)
     out[inside] = table[values[inside]]
     return out
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully into an RGB PIL image.
-
-    Raises :class:`UnreadableFileError` (an :class:`HPSegError`) naming the file when it is
-    missing, truncated or not an image.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableFileError.for_file(path, "file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except _READ_ERRORS as err:
-        raise UnreadableFileError.for_file(path, f"{type(err).__name__}: {err}") from err
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

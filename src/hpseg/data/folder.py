@@ -37,34 +37,9 @@ from hpseg.data.common import (
     read_label_png,
 )
 from hpseg.errors import HPSegError
+from hpseg.imaging import IMAGE_EXTENSIONS, find_images
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 LABEL_IGNORE = 255
-
-
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _is_under(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return True
-
-
-def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted by relative path), minus ``exclude``'s subtree."""
-    found = []
-    for path in root.rglob("*"):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-            continue
-        rel = path.relative_to(root)
-        if _is_hidden(rel) or (exclude is not None and _is_under(path.resolve(), exclude.resolve())):
-            continue
-        found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 class FolderDataset(SegmentationDataset):

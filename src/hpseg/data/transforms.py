@@ -31,9 +31,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from hpseg.errors import HPSegError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 MODES = ("train", "eval")
 
@@ -59,13 +57,6 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 ``(3, H, W)`` (or float in [0, 1]) → float32 ImageNet-normalised ``(3, H, W)``."""
     x = F.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True)
     return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
-
-
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`: ``(..., 3, H, W)`` → float RGB in [0, 1] (clamped)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    return (image * std + mean).clamp(0.0, 1.0)
 
 
 def check_mode(mode: str) -> None:

@@ -11,18 +11,13 @@ import torch
 from PIL import Image
 
 from hpseg.backbones import BackboneArch, backbone_from_arch
+from hpseg.checkpoint import save_checkpoint
 from hpseg.cli import main
 from hpseg.errors import HPSegError
-from hpseg.model import HPModel, save_checkpoint
-from hpseg.predict import (
-    PNG_IGNORE,
-    Segmenter,
-    _normalize,
-    _pad_to_multiple,
-    collect_inputs,
-    read_label_png,
-    save_label_png,
-)
+from hpseg.imaging import collect_inputs, normalize, pad_to_multiple
+from hpseg.model import HPModel
+from hpseg.segmenter import Segmenter
+from hpseg.viz import read_label_png, save_label_png
 
 CLASSES = ["sky", "tree", "road"]
 ASSIGNMENT = [2, 0, 1, -1]  # cluster -> class; cluster 3 matched to no class
@@ -161,17 +156,17 @@ def test_collect_inputs_files_globs_and_name_clashes(image_dir: Path, tmp_path) 
 @pytest.mark.parametrize("head", ["linear", "cluster"])
 def test_window_covering_the_image_equals_whole_image_prediction(model: HPModel, head: str) -> None:
     img = random_image(45, 30, seed=3)  # not multiples of the patch size: padded to 48 x 32
-    x = _pad_to_multiple(_normalize(torch.from_numpy(img).permute(2, 0, 1).float() / 255), 8)
+    x = pad_to_multiple(normalize(torch.from_numpy(img).permute(2, 0, 1).float() / 255), 8)
     ref = model.predict(x.unsqueeze(0))[head][0].argmax(0)[:45, :30].numpy()
     for window in (48, 1000):
-        seg = Segmenter(model, head=head, device="cpu", window=window, assignment=None)
+        seg = Segmenter(model, head=head, device="cpu", window=window, assignment=None, resolution=None)
         np.testing.assert_array_equal(seg.predict(img), ref)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
 def test_sliding_windows_cover_large_images_without_seams(model: HPModel, overlap: float) -> None:
     img = random_image(90, 75, seed=4)
-    seg = Segmenter(model, head="linear", device="cpu", window=32, overlap=overlap, batch_size=3)
+    seg = Segmenter(model, head="linear", device="cpu", window=32, overlap=overlap, batch_size=3, resolution=None)
     labels = seg.predict(img)
     assert labels.shape == (90, 75) and labels.min() >= 0 and labels.max() < 3  # no ignore anywhere
     proba = seg.predict_proba(img)
@@ -180,7 +175,7 @@ def test_sliding_windows_cover_large_images_without_seams(model: HPModel, overla
     # the row-streamed argmax equals the argmax of the whole blended score map
     np.testing.assert_array_equal(labels, proba.argmax(0))
     # blending is local: far from the image border, most pixels agree with a whole-image pass
-    whole = Segmenter(model, head="linear", device="cpu", window=1000).predict(img)
+    whole = Segmenter(model, head="linear", device="cpu", window=1000, resolution=None).predict(img)
     assert (labels == whole).mean() > 0.5
 
 
@@ -212,20 +207,6 @@ def test_resolution_resizes_and_returns_the_input_size(model: HPModel) -> None:
     img = random_image(30, 50, seed=7)
     labels = Segmenter(model, device="cpu", resolution=16).predict(img)
     assert labels.shape == (30, 50)
-
-
-def test_label_png_palette_and_ignore(tmp_path) -> None:
-    from hpseg.evaluate import palette
-
-    labels = np.array([[0, 1], [2, -1]])
-    path = save_label_png(labels, tmp_path / "l.png", 3)
-    with Image.open(path) as im:
-        assert im.mode == "P"
-        assert np.asarray(im).tolist() == [[0, 1], [2, PNG_IGNORE]]
-        pal = np.asarray(im.getpalette()[:768]).reshape(256, 3)
-    np.testing.assert_array_equal(pal[:3], palette(3))
-    assert (pal[PNG_IGNORE] == 0).all()
-    np.testing.assert_array_equal(read_label_png(path), labels)
 
 
 def test_crf_needs_the_extra(model: HPModel, monkeypatch) -> None:

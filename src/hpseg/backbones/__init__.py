@@ -1,0 +1,216 @@
+"""Frozen ViT backbones: DINO weights (official, training checkpoints, the authors' files),
+the shipped demo ViT, and other timm ViTs (docs/method.md §1).
+
+* :mod:`~hpseg.backbones.registry` — names with built-in weights;
+* :mod:`~hpseg.backbones.weights` — downloads, weight files and their layouts;
+* :mod:`~hpseg.backbones.vit` — the :class:`Backbone` module (features, attention logits,
+  DINO's position-embedding rule);
+* this module — :func:`build_backbone`, which puts them together.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import urllib.error
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpseg.backbones.registry import (
+    DEMO,
+    DEMO_ASSET,
+    DEMO_BACKBONE,
+    DINO_BASE_URL,
+    DINO_WEIGHTS,
+    available_backbones,
+    is_timm_name,
+)
+from hpseg.backbones.vit import (
+    Backbone,
+    BackboneArch,
+    BackboneOutput,
+    backbone_from_arch,
+    dino_interpolate_pos_embed,
+    timm_model,
+)
+from hpseg.backbones.weights import (
+    check_timm_weights_reachable,
+    demo_weights,
+    download_dino,
+    infer_dino_arch,
+    load_weights_file,
+    normalize_state_dict,
+)
+from hpseg.errors import HPSegError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEMO_BACKBONE",
+    "DINO_BASE_URL",
+    "DINO_WEIGHTS",
+    "Backbone",
+    "BackboneArch",
+    "BackboneOutput",
+    "available_backbones",
+    "backbone_from_arch",
+    "build_backbone",
+    "dino_interpolate_pos_embed",
+    "infer_dino_arch",
+    "load_weights_file",
+    "normalize_state_dict",
+]
+
+
+def _load_strict(backbone: Backbone, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    own = backbone.vit.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise HPSegError(
+            f"{source} lacks {len(missing)} backbone weights (e.g. {', '.join(missing[:3])}): "
+            f"it does not fit {backbone.name}; pass the matching backbone name or weights file"
+        )
+    if unexpected:
+        log.warning(
+            "%s: ignoring %d unexpected keys (e.g. %s)", source, len(unexpected), ", ".join(unexpected[:3])
+        )
+    bad = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise HPSegError(
+            f"{source}: weight {k} has shape {tuple(sd[k].shape)} but {backbone.name} expects "
+            f"{tuple(own[k].shape)}; pass the matching backbone name"
+        )
+    backbone.vit.load_state_dict({k: sd[k] for k in own}, strict=True)
+    backbone.token_bases_clear()
+
+
+def _dino_backbone(
+    name: str, sd: Mapping[str, torch.Tensor], source: str, num_heads: int | None, *, official: bool = False
+) -> Backbone:
+    """A DINO-family backbone shaped by ``sd``.
+
+    A registry ``name`` whose width/patch contradict user-given weights is only a label: the
+    weights win (with a warning; the backbone is renamed to what they are). For the official
+    DINO weights (download, hub cache) a contradiction is an error. The demo ViT's shape is
+    whatever its shipped file holds.
+    """
+    reg = DINO_WEIGHTS.get(name)
+    shape = infer_dino_arch(sd, name, num_heads or 1)
+    if reg is not None and (shape.embed_dim, shape.patch_size) != (reg.embed_dim, reg.patch_size):
+        fits = [
+            n
+            for n, r in DINO_WEIGHTS.items()
+            if (r.embed_dim, r.patch_size, r.depth) == (shape.embed_dim, shape.patch_size, shape.depth)
+        ]
+        message = (
+            f"{source} holds a {shape.embed_dim}-wide ViT with patch {shape.patch_size}, but {name} is "
+            f"{reg.embed_dim}-wide with patch {reg.patch_size}"
+        )
+        if official:
+            raise HPSegError(f"{message}: delete the file and download it again, or pass weights=PATH")
+        new_name = fits[0] if fits else "dino_custom"
+        log.warning("%s; building the backbone the weights describe, named %s", message, new_name)
+        name, reg = new_name, DINO_WEIGHTS.get(new_name)
+    if num_heads is None and reg is not None:
+        num_heads = reg.num_heads
+    arch = infer_dino_arch(sd, name, num_heads)
+    backbone = backbone_from_arch(arch, init=False)
+    _load_strict(backbone, sd, source)
+    return backbone
+
+
+def _timm_backbone(
+    name: str, sd: Mapping[str, torch.Tensor] | None, source: str, pretrained: bool, kwargs: dict[str, Any]
+) -> Backbone:
+    if sd is None:
+        if pretrained:
+            check_timm_weights_reachable(name)
+        try:
+            vit = timm_model(name, pretrained=pretrained, **kwargs)
+        except (OSError, urllib.error.URLError, http.client.HTTPException, RuntimeError) as exc:
+            if not pretrained:
+                raise
+            raise HPSegError(
+                f"cannot fetch the pretrained timm weights of {name} ({type(exc).__name__}: {exc}); "
+                "connect to the Hugging Face hub once (weights are cached), or pass weights=PATH"
+            ) from exc
+        return Backbone(vit, name, dino_family=False)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    vit = timm_model(name, pretrained=False, **kwargs)
+    filtered = checkpoint_filter_fn(dict(sd), vit)
+    backbone = Backbone(vit, name, dino_family=False)
+    _load_strict(backbone, filtered, source)
+    return backbone
+
+
+def build_backbone(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    img_size: int = 224,
+    state_dict: Mapping[str, Any] | None = None,
+    num_heads: int | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> Backbone:
+    """A frozen backbone by name.
+
+    Args:
+        name: ``dino_vits8`` | ``dino_vits16`` | ``dino_vitb8`` | ``dino_vitb16`` (official DINO),
+            ``hpseg_demo_vit`` (shipped tiny ViT), any timm ViT name (e.g.
+            ``vit_small_patch14_reg4_dinov2``), or any name for a DINO-style ``state_dict``.
+        weights: local weights file (plain/DINO-training/wrapped state dict, ``.safetensors``,
+            or the authors' ``ckpt.pth``); overrides the download.
+        pretrained: with no ``weights``/``state_dict``: load the official weights (download or
+            torch-hub cache; timm hub for timm names). False = random initialisation.
+        img_size: position grid size (pixels) of randomly initialised DINO-family backbones.
+        state_dict: raw weights (e.g. the ``model.*`` part of the authors' checkpoint); the
+            architecture is read from it.
+        num_heads: attention heads when they cannot be read from the weights.
+        timm_kwargs: extra ``timm.create_model`` arguments for timm names.
+
+    Raises:
+        HPSegError: unknown name, unreadable or mismatching weights, weights unavailable offline.
+    """
+    timm_kwargs = dict(timm_kwargs or {})
+    is_dino = name in DINO_WEIGHTS or name == DEMO_BACKBONE
+    if state_dict is not None or weights is not None:
+        if state_dict is not None:
+            sd, source = normalize_state_dict(state_dict), "the given state dict"
+        else:
+            assert weights is not None
+            sd, source = load_weights_file(weights), str(weights)
+        if not is_dino and is_timm_name(name):
+            return _timm_backbone(name, sd, source, pretrained, timm_kwargs)
+        return _dino_backbone(name, sd, source, num_heads)
+    if name == DEMO_BACKBONE:
+        if pretrained:
+            return _dino_backbone(
+                name, demo_weights(), f"hpseg/assets/{DEMO_ASSET}", num_heads or DEMO.num_heads
+            )
+        reg = DEMO
+    elif name in DINO_WEIGHTS:
+        reg = DINO_WEIGHTS[name]
+        if pretrained:
+            assert reg.file_name is not None
+            return _dino_backbone(name, download_dino(name, reg), reg.file_name, num_heads, official=True)
+    elif is_timm_name(name):
+        return _timm_backbone(name, None, name, pretrained, timm_kwargs)
+    else:
+        raise HPSegError(
+            f"unknown backbone {name!r}: use one of {', '.join(available_backbones())} or a timm ViT name "
+            "(e.g. vit_small_patch14_dinov2)"
+        )
+    if img_size % reg.patch_size:
+        raise HPSegError(f"img_size {img_size} is not a multiple of the patch size {reg.patch_size}")
+    grid = img_size // reg.patch_size
+    arch = BackboneArch(
+        name, reg.patch_size, reg.embed_dim, reg.depth, num_heads or reg.num_heads, (grid, grid)
+    )
+    return backbone_from_arch(arch)

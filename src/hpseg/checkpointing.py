@@ -1,0 +1,225 @@
+"""The training run's files: resumable state, best/final checkpoints, the metrics log.
+
+:class:`Checkpointer` owns a run folder::
+
+    last.pt              everything a resumed run needs (weights, optimisers, scaler, pools,
+                         TrainState, every random stream of every rank) — atomically replaced
+    best.pt, final.pt    self-describing model checkpoints (:func:`hpseg.checkpoint.save_checkpoint`)
+    metrics.jsonl        one JSON object per logged step and per validation
+    train_summary.json   what the run did and how best.pt was chosen
+
+A run resumed from ``last.pt`` ends with the same weights as one never interrupted: data order
+and augmentation are functions of (seed, epoch, item) (:mod:`hpseg.data.sampler`), and the
+global random streams (dropout masks, negative sampling) and the pool generator are saved and
+restored. :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
+two steps, after ``last.pt`` is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpseg import distributed as dist
+from hpseg.checkpoint import save_checkpoint
+from hpseg.io import atomic_torch_save, atomic_write_text
+from hpseg.model import HPModel
+from hpseg.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Checkpointer", "StopRequest", "TrainState", "stop_on_signals"]
+
+LAST_FORMAT_VERSION = 2
+
+
+@dataclass
+class TrainState:
+    """Progress and selection bookkeeping of a training run."""
+
+    iteration: int = 0  # steps done
+    best_score: float = -math.inf
+    best_iteration: int = -1
+    best_metrics: dict[str, Any] | None = None
+    last_metrics: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+@dataclass
+class StopRequest:
+    """Set by a signal handler; the loop stops at the next step boundary."""
+
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Within the block, SIGTERM and a first SIGINT only set ``requested`` (a second SIGINT
+    interrupts at once). Outside the main thread nothing is installed."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.requested = True
+        log.warning("signal %d: stopping after this step (state saved to last.pt)", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _rank_streams(runtime: Runtime) -> dict[str, torch.Tensor]:
+    """This process's global random streams (CPU, and CUDA on a GPU)."""
+    streams = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        streams["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return streams
+
+
+def _gather(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """``(world, …)``: every rank's tensor (same shape on every rank), on the CPU."""
+    if runtime.world_size == 1:
+        return t.unsqueeze(0)
+    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+    return dist.all_gather_cat(t.to(device).unsqueeze(0)).cpu()
+
+
+class Checkpointer:
+    """Writes and restores the files of one run folder (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, runtime: Runtime, config: dict[str, Any]) -> None:
+        self.out_dir, self.runtime, self.config = Path(out_dir), runtime, config
+        self.last_path = self.out_dir / "last.pt"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the log -------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (main process only)."""
+        if self.runtime.is_main:
+            with self.metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, iteration: int) -> None:
+        """Drop log lines written after ``iteration`` steps (by a run that died after saving)."""
+        if not (self.runtime.is_main and self.metrics_path.is_file()):
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            done = row["iteration"] if "val" in row else row["iteration"] + 1
+            if done <= iteration:
+                keep.append(line)
+        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in keep))
+
+    # -- resumable state -------------------------------------------------------------------------
+    def save_last(self, model: HPModel, optimizers: Any, scaler: torch.amp.GradScaler, pools: Any,
+                  state: TrainState) -> None:
+        """Write ``last.pt`` (collective in distributed runs: every rank must call it)."""
+        streams = {k: _gather(v, self.runtime) for k, v in _rank_streams(self.runtime).items()}
+        pool_gen = _gather(pools.generator.get_state(), self.runtime)
+        if not self.runtime.is_main:
+            return
+        pool_state = pools.state_dict()
+        pool_state["generator"] = pool_gen
+        atomic_torch_save(
+            {
+                "format_version": LAST_FORMAT_VERSION,
+                "model": model.state_dict(),
+                "optimizers": optimizers.state_dict(),
+                "scaler": scaler.state_dict(),
+                "pools": pool_state,
+                "state": state.state_dict(),
+                "rng": streams,
+                "config": self.config,
+            },
+            self.last_path,
+        )
+
+    def resume(self, model: HPModel, optimizers: Any, scaler: torch.amp.GradScaler, pools: Any,
+               state: TrainState) -> bool:
+        """Restore everything from ``last.pt``; False when there is none."""
+        if not self.last_path.is_file():
+            return False
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        if ckpt.get("format_version") != LAST_FORMAT_VERSION:
+            from hpseg.errors import HPSegError
+
+            raise HPSegError(f"{self.last_path} was written by another hpseg version and cannot resume exactly: "
+                             "delete it to start over (or use that version)")
+        device, rank = self.runtime.device, self.runtime.rank
+        model.load_state_dict(ckpt["model"])
+        optimizers.load_state_dict(ckpt["optimizers"])
+        scaler.load_state_dict(ckpt["scaler"])
+        pool_state = dict(ckpt["pools"])
+        pool_state["generator"] = pool_state["generator"][rank]
+        pools.load_state_dict(pool_state, device)
+        state.load_state_dict(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"]["cpu"][rank])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)
+        self._truncate_log(state.iteration)
+        return True
+
+    # -- model checkpoints -----------------------------------------------------------------------
+    def _save_model(self, name: str, model: HPModel, metrics: dict[str, Any] | None, iteration: int) -> None:
+        assignment = (metrics or {}).get("unsupervised", {}).get("assignment")
+        model.assignment = [int(a) for a in assignment] if assignment else None
+        extra: dict[str, Any] = {"iteration": iteration}
+        if metrics is not None:
+            extra["metrics"] = metrics
+        save_checkpoint(self.out_dir / name, model, config=self.config, extra=extra)
+
+    def save_best(self, model: HPModel, metrics: dict[str, Any], iteration: int) -> None:
+        """``best.pt`` with the validation that selected it (main process)."""
+        self._save_model("best.pt", model, metrics, iteration)
+
+    def finish(self, model: HPModel, state: TrainState, *, labelled: bool) -> dict[str, Any]:
+        """Write ``final.pt`` (and ``best.pt`` = final when nothing was selected); the summary."""
+        if self.runtime.is_main:
+            if not labelled or not (self.out_dir / "best.pt").is_file():
+                self._save_model("best.pt", model, state.last_metrics, state.iteration)
+            self._save_model("final.pt", model, state.last_metrics, state.iteration)
+        if labelled:
+            selection = "best validation by cluster + linear accuracy and mIoU (the authors' criterion)"
+        else:
+            selection = "final model: no labels to select on, best.pt is final.pt"
+            if self.runtime.is_main:
+                log.info("no labelled validation data: best.pt is the final model")
+        return {
+            "iterations": state.iteration,
+            "best_iteration": state.best_iteration if labelled else state.iteration,
+            "best_score": state.best_score if math.isfinite(state.best_score) else None,
+            "best_metrics": state.best_metrics if labelled else state.last_metrics,
+            "selection": selection,
+        }
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))

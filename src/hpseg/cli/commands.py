@@ -1,0 +1,156 @@
+"""The commands that train, evaluate, prepare, configure, name, report, convert and compare.
+
+Each reads its arguments, calls the library and prints the result; imports are local so that
+``hpseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpseg.errors import HPSegError
+
+log = logging.getLogger("hpseg")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` settings of a command (anything else is refused)."""
+    values: Sequence[str] = getattr(args, "overrides", [])
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        raise HPSegError(f"unexpected argument {bad[0]!r}: settings are given as key=value (e.g. data.root=/data)")
+    return list(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpseg.config import build_config, describe, run_dir
+    from hpseg.pipeline import run_training
+
+    cfg = build_config(args.preset, overrides(args))
+    log.info("config: %s", describe(cfg))
+    run = run_training(cfg)
+    if run.is_main:
+        for folder in run.folders:
+            print(f"run folder: {folder}  (best checkpoint: {folder / 'best.pt'})")
+        print(f"evaluate with: hpseg evaluate {run_dir(cfg)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hpseg.pipeline import evaluate_path
+
+    results = evaluate_path(Path(args.path), overrides(args), preset=args.preset,
+                            out_dir=Path(args.out) if args.out else None, backbone=args.backbone,
+                            baseline=args.baseline)
+    print(results.summary())
+    if results.metrics.get("unsupervised") and results.metrics["unsupervised"].iou and not results.seeds:
+        from hpseg.results import format_iou_table
+
+        print("\nper-class IoU (unsupervised):")
+        print(format_iou_table(results.metrics["unsupervised"].iou, results.class_names))
+    if args.json:
+        print(json.dumps(results.to_dict(), indent=2))
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from hpseg.pipeline import run_baseline
+
+    print(run_baseline(args.preset, overrides(args)).summary())
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hpseg.config import PAPER_DATASETS, build_config, require_data_root
+    from hpseg.data.prepare import prepare_five_crop
+
+    cfg = build_config(args.preset, overrides(args))
+    if cfg.data.dataset not in PAPER_DATASETS:
+        raise HPSegError(f"prepare makes five-crop sets for {', '.join(PAPER_DATASETS)}, not {cfg.data.dataset}")
+    require_data_root(cfg)
+    splits = args.splits or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
+    for split in splits:
+        out = prepare_five_crop(cfg.data.dataset, cfg.data.root, split=split, crop_ratio=cfg.data.crop_ratio,
+                                progress=cfg.train.progress)
+        print(f"five-crop {split} set ready: {out}")
+    if not cfg.data.five_crop:
+        print(f"note: preset {args.preset} trains on full images (data.five_crop=false); "
+              "add data.five_crop=true to train on these crops")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hpseg.demo import run_demo
+
+    print(run_demo(Path(args.out), quick=args.quick, overrides=overrides(args)).text)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hpseg.config import build_config
+
+    print(build_config(args.preset, overrides(args)).to_yaml(), end="")
+    return 0
+
+
+def _parse_names(values: list[str]) -> dict[int, str]:
+    """``["0=sky", "1=road"]`` or ``["names.json"]`` → ``{0: "sky", 1: "road"}``."""
+    if len(values) == 1 and "=" not in values[0]:
+        path = Path(values[0])
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HPSegError(f"cannot read cluster names from {path} ({exc}): give ID=NAME pairs or a JSON file") from exc
+        items = enumerate(data) if isinstance(data, list) else data.items() if isinstance(data, dict) else None
+        if items is None:
+            raise HPSegError(f"{path} must hold a list of names or an object {{\"0\": \"sky\", …}}")
+        pairs = [(str(k), str(v)) for k, v in items]
+    else:
+        pairs = []
+        for value in values:
+            key, sep, name = value.partition("=")
+            if not sep or not name.strip():
+                raise HPSegError(f"{value!r} is not ID=NAME (for example 0=sky)")
+            pairs.append((key, name.strip()))
+    out: dict[int, str] = {}
+    for key, name in pairs:
+        if not key.strip().isdigit():
+            raise HPSegError(f"cluster id {key!r} is not a number: give ID=NAME pairs like 0=sky")
+        out[int(key)] = name
+    return out
+
+
+def cmd_name(args: argparse.Namespace) -> int:
+    from hpseg.pipeline import name_clusters
+
+    names = _parse_names(args.names)
+    for path in name_clusters(Path(args.run), names):
+        print(f"named clusters in {path}")
+    print("every later output (segment, export, report) uses these names; re-run `hpseg report` for the page")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpseg.report import write_report
+
+    print(f"report written: {write_report(Path(args.run_dir), out=Path(args.out) if args.out else None)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hpseg.checkpoint import convert_authors_checkpoint
+
+    out = convert_authors_checkpoint(Path(args.src), Path(args.dst), backbone=args.backbone, dataset=args.dataset)
+    print(f"converted: {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hpseg.compare import compare_runs
+
+    print(compare_runs([Path(p) for p in args.runs], out=Path(args.out) if args.out else None))
+    return 0

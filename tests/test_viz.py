@@ -1,0 +1,56 @@
+"""Pictures: palette, label PNGs, overlays, legends and figures (written atomically, readable)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from hpseg.viz import (
+    PNG_IGNORE,
+    colorize,
+    gallery_figure,
+    overlay,
+    palette,
+    read_label_png,
+    save_figure,
+    save_label_png,
+    training_curve_figure,
+)
+
+
+def test_colorize_marks_ignore_black():
+    lab = np.array([[0, 1], [-1, 5]])
+    rgb = colorize(lab, 3)
+    assert rgb.shape == (2, 2, 3)
+    assert (rgb[1, 0] == 0).all() and (rgb[1, 1] == 0).all()  # ignore and out-of-range
+    assert not (rgb[0, 0] == rgb[0, 1]).all()
+
+
+def test_label_png_palette_and_ignore(tmp_path):
+    labels = np.array([[0, 1], [2, -1]])
+    path = save_label_png(labels, tmp_path / "l.png", 3)
+    with Image.open(path) as im:
+        assert im.mode == "P"
+        assert np.asarray(im).tolist() == [[0, 1], [2, PNG_IGNORE]]
+        pal = np.asarray(im.getpalette()[:768]).reshape(256, 3)
+    np.testing.assert_array_equal(pal[:3], palette(3))
+    assert (pal[PNG_IGNORE] == 0).all()
+    np.testing.assert_array_equal(read_label_png(path), labels)
+
+
+def test_overlay_leaves_unlabelled_pixels_alone():
+    rgb = np.full((2, 2, 3), 100, np.uint8)
+    out = overlay(rgb, np.array([[0, -1], [1, 1]]), 2, alpha=1.0)
+    assert (out[0, 1] == 100).all() and (out[0, 0] == palette(2)[0]).all()
+
+
+def test_figures_are_written(tmp_path):
+    rows = [{"image": np.zeros((8, 8, 3), np.uint8), "label": np.zeros((8, 8), np.int64)}]
+    save_figure(gallery_figure(rows, [("image", "image"), ("label", "truth")], ["a", "b"],
+                               subtitles={"label": "mIoU 1.0"}), tmp_path / "g.png")
+    records = [{"iteration": 0, "loss": 1.0}, {"iteration": 1, "val": {"unsupervised": {"miou": 10.0},
+                                                                        "diagnostics": {"kept_anchor_fraction": 0.5}}}]
+    save_figure(training_curve_figure(records), tmp_path / "c.png")
+    for name in ("g.png", "c.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
