@@ -36,7 +36,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 @dataclass
 class DataConfig:
-    """Which images to read and how to crop them (hp-method §8)."""
+    """Which images to read and how to crop them (docs/method.md §8)."""
 
     dataset: str = "synthetic"
     root: str | None = None
@@ -60,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone and head sizes (hp-method §1–2)."""
+    """Backbone and head sizes (docs/method.md §1–2)."""
 
     backbone: str = "dino_vits8"
     weights: str | None = None  # local weights file; None = official download / cache
@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Hidden-positive loss hyper-parameters (hp-method §3–7)."""
+    """Hidden-positive loss hyper-parameters (docs/method.md §3–7)."""
 
     tau: float = 0.8
     rho: float = 0.02
@@ -89,7 +89,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping (hp-method §7)."""
+    """Optimisation and bookkeeping (docs/method.md §7)."""
 
     epochs: int = 3
     max_iters: int | None = None  # stop after this many iterations (None: all epochs)
@@ -113,7 +113,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (hp-method §8)."""
+    """Evaluation protocol (docs/method.md §8)."""
 
     crf: bool = False
     batch_size: int = 16

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (hp-method.md §8), as in the authors' evaluation.
+"""Dense CRF post-processing (docs/method.md §8), as in the authors' evaluation.
 
 The optional dependency ``pydensecrf2`` (extra ``crf``, imported as ``pydensecrf``) is loaded
 lazily, only when a CRF is run. Steps per image: de-normalise the ImageNet-normalised image to

@@ -128,12 +128,10 @@ def _export_onnx(net: ExportNet, example: torch.Tensor, tmp: Path, opset: int, m
     proto = onnx.load(str(tmp))
     # the exporter names traced output axes after the op that made them ("Einsumscores_dim_2"):
     # state the real shape, (batch, S, H, W), with H and W the fixed export size
-    channels = len(meta["output_names"])
-    for dim, value in zip(proto.graph.output[0].type.tensor_type.shape.dim, ["batch", channels, *net.image_size]):
-        if isinstance(value, str):
-            dim.dim_param = value
-        else:
-            dim.dim_value = int(value)
+    batch, *fixed = proto.graph.output[0].type.tensor_type.shape.dim
+    batch.dim_param = "batch"
+    for dim, value in zip(fixed, (len(meta["output_names"]), *net.image_size)):
+        dim.dim_value = int(value)
     onnx.helper.set_model_props(proto, {"hpseg": json.dumps(meta)})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))

@@ -1,4 +1,4 @@
-"""Trainable heads on frozen backbone features (hp-method §2, §7).
+"""Trainable heads on frozen backbone features (docs/method.md §2, §7).
 
 Attribute names are chosen so that the authors' checkpoints map by renaming prefixes only:
 ``cluster1.0.*`` → ``head.linear.*``, ``cluster2.{0,2}.*`` → ``head.nonlinear.{0,2}.*``,
@@ -49,7 +49,7 @@ class EMAHead(nn.Module):
 
     Initialised equal to ``head``. Its forward is deterministic by default (no dropout of its
     own, in any mode): the trainer applies Dropout2d around it (``drop(ema_head(drop(feats)))``,
-    hp-method §2); ``forward(feats, dropout=p)`` draws a mask per branch instead.
+    docs/method.md §2); ``forward(feats, dropout=p)`` draws a mask per branch instead.
     """
 
     def __init__(self, head: SegmentationHead) -> None:

@@ -1,4 +1,4 @@
-"""Confusion-matrix segmentation metrics with cluster → class matching (hp-method.md §8).
+"""Confusion-matrix segmentation metrics with cluster → class matching (docs/method.md §8).
 
 Predictions (cluster ids or class ids) and labels are accumulated into a confusion matrix
 ``confusion`` of shape ``(K, C)``: rows are predicted clusters, columns are labels (the

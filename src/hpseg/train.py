@@ -391,12 +391,48 @@ def _loader(dataset: Dataset[Any], sampler: EpochSampler, batch: int, workers: i
                       pin_memory=runtime.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
-def _passes(loader: DataLoader, sampler: EpochSampler) -> Callable[[int], Iterator[dict[str, Any]]]:
-    def one_pass(k: int) -> Iterator[dict[str, Any]]:
-        sampler.set_epoch(k)
-        return iter(loader)
+@dataclass
+class DataPlan:
+    """The data side of a run: the training loader (one seeded order per epoch), the passes
+    the reference pools are built from, and the counts."""
 
-    return one_pass
+    sampler: EpochSampler
+    loader: DataLoader
+    pool_sampler: EpochSampler
+    pool_loader: DataLoader
+    per_rank: int
+    iters_per_epoch: int
+    max_iters: int
+
+    @classmethod
+    def create(cls, train_set: Dataset[Any], train: TrainConfig, runtime: Runtime, num_workers: int) -> DataPlan:
+        n = len(train_set)  # type: ignore[arg-type]
+        per_rank = train.batch_size // runtime.world_size
+        if train.batch_size % runtime.world_size or per_rank < 2:
+            raise HPSegError(f"train.batch_size={train.batch_size} is not divisible into {runtime.world_size} "
+                             f"shares of at least 2 images: use a multiple of {runtime.world_size} (each process "
+                             "takes batch_size / processes images)")
+        sampler = EpochSampler(n, per_rank, train.seed, runtime.rank, runtime.world_size)
+        per_epoch = sampler.batches_per_epoch()
+        if per_epoch < 1:
+            raise HPSegError(f"the training set has {n} images, fewer than one batch of {train.batch_size}: "
+                             "lower train.batch_size")
+        max_iters = per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs,
+                                                                                  train.max_iters)
+        pool_sampler = EpochSampler(n, per_rank, train.seed + 1, runtime.rank, runtime.world_size)
+        return cls(sampler, _loader(train_set, sampler, per_rank, num_workers, runtime), pool_sampler,
+                   _loader(train_set, pool_sampler, per_rank, num_workers, runtime), per_rank, per_epoch, max_iters)
+
+    def pool_pass(self, k: int) -> Iterator[dict[str, Any]]:
+        """The ``k``-th pass over the training images for the pools (a fresh order each time)."""
+        self.pool_sampler.set_epoch(k)
+        return iter(self.pool_loader)
+
+    def epoch(self, iteration: int) -> tuple[int, Iterator[dict[str, Any]]]:
+        """``(epoch, batches)`` from global ``iteration`` on (mid-epoch when resuming)."""
+        epoch, start = divmod(iteration, self.iters_per_epoch)
+        self.sampler.set_epoch(epoch, start)
+        return epoch, iter(self.loader)
 
 
 def fit(
@@ -418,22 +454,8 @@ def fit(
     by the authors' criterion; without labels the final model, said so in the log),
     ``final.pt``, ``metrics.jsonl``, ``training_curve.png``, ``train_summary.json``.
     """
+    data = DataPlan.create(train_set, train, runtime, num_workers)
     n_train = len(train_set)  # type: ignore[arg-type]
-    per_rank = train.batch_size // runtime.world_size
-    if train.batch_size % runtime.world_size or per_rank < 2:
-        raise HPSegError(f"train.batch_size={train.batch_size} is not divisible into {runtime.world_size} shares "
-                         f"of at least 2 images: use a multiple of {runtime.world_size} (each process takes "
-                         "batch_size / processes images)")
-    sampler = EpochSampler(n_train, per_rank, train.seed, runtime.rank, runtime.world_size)
-    iters_per_epoch = sampler.batches_per_epoch()
-    if iters_per_epoch < 1:
-        raise HPSegError(f"the training set has {n_train} images, fewer than one batch of {train.batch_size}: "
-                         "lower train.batch_size")
-    max_iters = iters_per_epoch * train.epochs if train.max_iters is None else min(
-        iters_per_epoch * train.epochs, train.max_iters)
-    loader = _loader(train_set, sampler, per_rank, num_workers, runtime)
-    pool_sampler = EpochSampler(n_train, per_rank, train.seed + 1, runtime.rank, runtime.world_size)
-    pool_batches = _passes(_loader(train_set, pool_sampler, per_rank, num_workers, runtime), pool_sampler)
     pool_size = min(loss.pool_size, n_train)
     if pool_size < loss.pool_size:
         log.info("reference pools capped at %d entries: the training set has %d images (loss.pool_size=%d)",
@@ -458,9 +480,10 @@ def fit(
     else:
         log.info("building reference pools (%d images)", pool_size)
         model.train()
-        pools.build(model, pool_batches, runtime)
-    log.info("training %d iterations (%d per epoch, batch %d = %d × %d processes) on %s", max_iters,
-             iters_per_epoch, train.batch_size, per_rank, runtime.world_size, runtime.describe())
+        pools.build(model, data.pool_pass, runtime)
+    max_iters, per_epoch = data.max_iters, data.iters_per_epoch
+    log.info("training %d iterations (%d per epoch, batch %d = %d × %d processes) on %s", max_iters, per_epoch,
+             train.batch_size, data.per_rank, runtime.world_size, runtime.describe())
 
     progress = None
     if runtime.progress:
@@ -471,13 +494,12 @@ def fit(
     model.train()
     with stop_on_signals() as stop:
         while state.iteration < max_iters:
-            epoch, start = divmod(state.iteration, iters_per_epoch)
-            sampler.set_epoch(epoch, start)
-            for batch in loader:
+            epoch, batches = data.epoch(state.iteration)
+            for batch in batches:
                 it = state.iteration
-                i = it - epoch * iters_per_epoch  # batch index within the epoch (the authors' count)
+                i = it - epoch * per_epoch  # batch index within the epoch (the authors' count)
                 if i % loss.renew_interval == 0 and i != 0:
-                    pools.renew_specific(model, pool_batches(1 + it // loss.renew_interval), runtime)
+                    pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)
                 out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m)
                 state.iteration = it + 1
@@ -488,7 +510,7 @@ def fit(
                     ckpt.log({"iteration": it, "epoch": epoch, "loss": out.loss, **out.parts, "lambda": lam,
                               "grad_norm": out.grad_norm, **{f"train_{k}": v for k, v in hp_loss.stats.items()},
                               "seconds": round(time.perf_counter() - t0, 3)})
-                if (i + 1) % train.valid_freq == 0 or i + 1 == iters_per_epoch or it + 1 == max_iters:
+                if (i + 1) % train.valid_freq == 0 or i + 1 == per_epoch or it + 1 == max_iters:
                     _validate(model, pools, validate, state, ckpt, epoch)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
                 if stop.requested:
@@ -500,7 +522,7 @@ def fit(
         progress.close()
     summary = {**ckpt.finish(model, state, labelled=state.best_iteration >= 0), "max_iters": max_iters,
                "seconds": round(time.perf_counter() - t0, 2), "world_size": runtime.world_size,
-               "per_rank_batch": per_rank, "global_batch": per_rank * runtime.world_size}
+               "per_rank_batch": data.per_rank, "global_batch": data.per_rank * runtime.world_size}
     if runtime.is_main:
         rows = [json.loads(line) for line in ckpt.metrics_path.read_text().splitlines() if line.strip()]
         save_figure(training_curve_figure(rows), out_dir / "training_curve.png")

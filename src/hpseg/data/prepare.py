@@ -1,4 +1,4 @@
-"""Five-crop training sets (hp-method §8): writing them, and :class:`CroppedDataset` reading them.
+"""Five-crop training sets (docs/method.md §8): writing them, and :class:`CroppedDataset` reading them.
 
 Each full-size source image ``i`` (H×W) is cut into five crops of ``int(r·H) × int(r·W)``
 (``r = crop_ratio``, 0.5 in the paper): top-left, top-right, bottom-left, bottom-right, centre

@@ -1,4 +1,4 @@
-"""Train / eval / photometric transforms (hp-method §7–8), on ``torchvision.transforms.v2``.
+"""Train / eval / photometric transforms (docs/method.md §7–8), on ``torchvision.transforms.v2``.
 
 Geometry is the same in both modes: resize the shorter side to ``resolution`` and take the
 centre ``resolution × resolution`` crop. The image is resampled with ``interpolation``

@@ -1,0 +1,48 @@
+"""The shape of the package stays readable: small modules, short functions, one place for the
+ImageNet statistics, library code that never prints."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "hpseg"
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 100
+
+
+def _modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_modules_are_small() -> None:
+    long = {str(p.relative_to(SRC)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_functions_are_short() -> None:
+    long = {}
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(SRC)}:{node.name}"] = n
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_imagenet_statistics_live_in_one_place() -> None:
+    holders = [str(p.relative_to(SRC)) for p in _modules() if "0.485" in p.read_text()]
+    assert holders == ["imaging.py"], holders
+
+
+def test_only_the_cli_prints() -> None:
+    printing = []
+    for path in _modules():
+        rel = path.relative_to(SRC)
+        if rel.parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{rel}:{node.lineno}")
+    assert not printing, f"library code prints (log instead): {printing}"
