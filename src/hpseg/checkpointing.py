@@ -32,7 +32,7 @@ import torch
 
 from hpseg import distributed as dist
 from hpseg.checkpoint import save_checkpoint
-from hpseg.io import atomic_torch_save, atomic_write_text
+from hpseg.io import atomic_torch_save, atomic_write_text, finite
 from hpseg.model import HPModel
 from hpseg.runtime import Runtime
 
@@ -120,10 +120,11 @@ class Checkpointer:
 
     # -- the log -------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` (main process only)."""
+        """Append one JSON line to ``metrics.jsonl`` (main process only); a number that is not
+        finite (e.g. a precision without a labelled pair) is written as null, never NaN."""
         if self.runtime.is_main:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
     def _truncate_log(self, iteration: int) -> None:
         """Drop log lines written after ``iteration`` steps (by a run that died after saving)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 import threading
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "default_file_mode",
     "file_sha256",
+    "finite",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -92,3 +94,15 @@ def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively: JSON that any
+    reader accepts (``NaN`` is not JSON), e.g. a precision without any labelled pair."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,8 +301,14 @@ def evaluate_checkpoint(
         results.baseline = baseline_for(cfg, model.backbone, model.n_clusters, runtime).metrics
     if out_dir is not None:
         from hpseg.evaluate import write_results
+        from hpseg.report import write_report
 
+        curve = checkpoint.parent / "training_curve.png"
+        if curve.is_file():  # the run's training curve joins its evaluation (and its report)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(curve, out_dir / "training_curve.png")
         write_results(out_dir, results, output)
+        write_report(out_dir)
     return results
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hpseg.errors import HPSegError
-from hpseg.io import atomic_write_text
+from hpseg.io import atomic_write_text, finite
 
 __all__ = [
     "FORMAT",
@@ -128,11 +128,14 @@ class HeadScore:
     n_seeds: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and not (k == "iou" and not v)}
+        """Plain dict; a class absent from predictions and labels has IoU ``null`` (valid JSON)."""
+        return finite({k: v for k, v in asdict(self).items() if v is not None and not (k == "iou" and not v)})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeadScore:
-        return cls(**_known(cls, data))
+        known = _known(cls, data)
+        known["iou"] = [math.nan if v is None else float(v) for v in known.get("iou") or []]
+        return cls(**known)
 
     def cell(self, key: str) -> str:
         """``"57.20"`` or ``"57.20 ± 1.30"``."""
@@ -200,7 +203,7 @@ class Results:
 
     def write(self, path: str | Path) -> Path:
         """Write ``results.json`` atomically."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
+        atomic_write_text(path, json.dumps(finite(self.to_dict()), indent=2, allow_nan=False))
         return Path(path)
 
     @classmethod
