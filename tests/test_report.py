@@ -64,6 +64,33 @@ def results_dir(tmp_path_factory) -> Path:
     return _results_folder(tmp_path_factory.mktemp("eval"))
 
 
+def _unlabelled_folder(folder: Path) -> Path:
+    """A results folder of an evaluation without labels (an own-images run)."""
+    rng = np.random.default_rng(1)
+    gallery = [{"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "unsupervised": rng.integers(0, 4, (16, 16))}
+               for _ in range(N_GALLERY)]
+    strips = [[rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)] for _ in range(4)]
+    output = EvalOutput(metrics={}, confusion={}, n_images=4, labelled=False, gallery=gallery,
+                        cluster_pixels=[9, 4, 2, 1], cluster_examples=strips)
+    protocol = Protocol(dataset="folder", split="val", n_images=4, eval_resolution=16, crf=False, n_clusters=4,
+                        n_classes=4, matching="hungarian", backbone="dino_custom", labelled=False)
+    results = Results(protocol, [f"class {i}" for i in range(4)], cluster_names=["sky", "sea", "sand", "sky"],
+                      diagnostics={"cluster_entropy": 0.8, "empty_clusters": 0})
+    write_results(folder, results, output)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unlabelled_dir(tmp_path_factory) -> Path:
+    return _unlabelled_folder(tmp_path_factory.mktemp("unlabelled"))
+
+
+def test_unlabelled_report_says_so_and_shows_named_clusters(unlabelled_dir: Path) -> None:
+    page = write_report(unlabelled_dir).read_text()
+    assert "No labels to score against" in page and 'class="clusters"' in page
+    assert "sky" in page and "sand" in page and 'class="metrics"' not in page
+
+
 N_IMAGES = 2 + 1 + 4 * N_GALLERY  # two confusion PNGs + one cluster strip + four pictures per gallery row
 
 
@@ -162,10 +189,15 @@ def _run_chromium(exe: str, profile: Path, *args: str) -> subprocess.CompletedPr
     return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_report_renders_in_headless_chromium(results_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("labelled", [True, False])
+def test_report_renders_in_headless_chromium(results_dir: Path, unlabelled_dir: Path, tmp_path: Path,
+                                             labelled: bool) -> None:
     exe = _chromium()
     if exe is None:
         pytest.skip("Chromium not found: install Debian's chromium package: apt-get install chromium")
+    if not labelled:
+        _render_unlabelled(exe, unlabelled_dir, tmp_path)
+        return
     page = write_report(results_dir, tmp_path / "report.html")
     url = page.resolve().as_uri()
 
@@ -194,3 +226,13 @@ def test_report_renders_in_headless_chromium(results_dir: Path, tmp_path: Path) 
         assert im.format == "PNG" and im.size == (1200, 1600)
         rgb = np.asarray(im.convert("RGB"))
     assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # not blank
+
+
+def _render_unlabelled(exe: str, folder: Path, tmp_path: Path) -> None:
+    page = write_report(folder, tmp_path / "report.html")
+    dom = _run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    n = 4 + 2 * N_GALLERY  # four cluster strips + two pictures per gallery row
+    assert f'data-images="{n}/{n}"' in html, html[:500]
+    assert "No labels to score against" in html and '<table class="clusters"' in html
