@@ -1,4 +1,4 @@
-"""Evaluation: k-means, the evaluation loop with and without labels, the results folder."""
+"""Evaluation: the evaluation loop with and without labels, cluster usage, the results folder."""
 
 from __future__ import annotations
 
@@ -10,33 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from hpseg.backbones import BackboneArch, backbone_from_arch
-from hpseg.errors import HPSegError
-from hpseg.evaluate import cluster_usage, evaluate_model, kmeans, write_results
+from hpseg.evaluate import cluster_usage, evaluate_model, write_results
 from hpseg.model import HPModel
 from hpseg.results import Protocol, Results
 from hpseg.runtime import Runtime
 
 CPU = Runtime.create("cpu", "fp32")
-
-
-def test_kmeans_recovers_separated_clusters():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.eye(4)[:3] * 5
-    x = torch.cat([c + 0.05 * torch.randn(50, 4, generator=g) for c in centres])
-    c = kmeans(x, 3, seed=1)
-    assign = (torch.nn.functional.normalize(x, dim=1) @ c.T).argmax(1)
-    groups = [set(assign[i * 50 : (i + 1) * 50].tolist()) for i in range(3)]
-    assert all(len(gr) == 1 for gr in groups) and len(set.union(*groups)) == 3
-
-
-def test_kmeans_is_seeded():
-    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(kmeans(x, 5, seed=7), kmeans(x, 5, seed=7))
-
-
-def test_kmeans_needs_enough_samples():
-    with pytest.raises(HPSegError, match="at least k=5"):
-        kmeans(torch.randn(3, 2), 5)
 
 
 def test_cluster_usage():

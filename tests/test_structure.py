@@ -46,3 +46,39 @@ def test_only_the_cli_prints() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 printing.append(f"{rel}:{node.lineno}")
     assert not printing, f"library code prints (log instead): {printing}"
+
+
+#: the layers of docs/DEVELOPING.md: a module may import from its own layer and the layers below
+LAYERS = {
+    "foundations": ["errors", "io", "config", "imaging", "runtime", "distributed"],
+    "math and modules": ["hidden_positives", "metrics", "crf", "clustering", "heads", "backbones", "model",
+                         "diagnostics"],
+    "data and files": ["data", "checkpoint", "results", "viz"],
+    "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
+    "presentation": ["report", "compare"],
+    "entry": ["pipeline", "demo"],
+    "commands": ["cli", "__main__"],
+}
+
+
+def _layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    for rank, names in enumerate(LAYERS.values()):
+        if top in names:
+            return rank
+    raise AssertionError(f"hpseg.{module} is in no layer of docs/DEVELOPING.md: add it")
+
+
+def test_imports_follow_the_layers() -> None:
+    upward = []
+    for path in _modules():
+        rel = path.relative_to(SRC).with_suffix("")
+        if rel.parts == ("__init__",):
+            continue  # the package's lazy public names
+        here = _layer_of(".".join(p for p in rel.parts if p != "__init__"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpseg."):
+                there = _layer_of(node.module[len("hpseg."):])
+                if there > here:
+                    upward.append(f"{'/'.join(rel.parts)} → {node.module}")
+    assert not upward, f"imports of a higher layer: {upward}"

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
 from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
+from hpseg.clustering import kmeans
 from hpseg.config import (
     PAPER_DATASETS,
     Config,
@@ -32,7 +33,7 @@ from hpseg.config import (
 )
 from hpseg.data import build_dataset
 from hpseg.errors import HPSegError
-from hpseg.evaluate import EvalOutput, cluster_usage, evaluate_model, kmeans, kmeans_baseline, patch_sample
+from hpseg.evaluate import EvalOutput, cluster_usage, evaluate_model, kmeans_baseline, patch_sample
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
 from hpseg.results import Protocol, Results, aggregate_seeds
