@@ -1,26 +1,41 @@
-"""Benchmark: forward + backward of ``hpseg.hidden_positives.hidden_positive_loss`` against the
-straightforward per-image formulation in ``reference_loss.py`` (the authors' structure).
+"""Benchmark: forward + backward of the hidden-positive loss — ``hpseg``'s sparse and dense paths
+against the straightforward per-image formulation in ``reference_loss.py`` (the authors' structure).
 
 Usage::
 
-    python benchmarks/bench_loss.py                         # CPU-sized problem on the CPU
+    python benchmarks/bench_loss.py --scale wide --threads 1 --repeats 5 --json out.json
+    python benchmarks/bench_loss.py --scale paper --impls sparse --repeats 1 --warmup 0
     python benchmarks/bench_loss.py --scale paper --device cuda --repeats 10 --json out.json
 
-Scales: ``cpu`` = B=8 images of S=14 (N=1,568 patches); ``paper`` = B=64, S=28 (N=50,176), the
-authors' COCO batch. Both use D=512, F=384, P=2048 and random L2-normalised inputs (seeded,
-identical for both implementations).
+Scales (``--scale``): ``cpu`` B=8, S=14 (N=1,568), D=512, F=384, P=2048; ``narrow`` B=4, S=28
+(N=3,136), D=64, F=96, P=256; ``wide`` B=4, S=28 (N=3,136) at the paper's widths D=512, F=384,
+P=2048; ``paper`` B=64, S=28 (N=50,176), D=512, F=384, P=2048 (the authors' COCO batch);
+``paper16`` the paper's batch with widths D=F=16. ``--width`` overrides D and F.
 
-Each implementation runs in its own child process so that peak memory is measured cleanly:
-on CUDA ``torch.cuda.max_memory_allocated`` minus the inputs, in the timing process; on CPU the
-peak resident set size ``ru_maxrss`` minus the resident size just before one forward + backward,
-in a second child whose glibc malloc unmaps every freed block of 128 KiB or more (so the figure
-follows live memory, plus allocator overhead, instead of malloc's adaptive caching; that setting
-slows allocation, hence the separate process). Timings are wall-clock seconds of
-``loss = f(...); loss.backward()`` after warm-up runs, with device
-synchronisation on CUDA. ``hpseg`` uses float16 similarity products on CUDA (float32 on CPU);
-the reference runs under float16 autocast on CUDA and in float32 on CPU. Both draw their own
-Bernoulli(rho) negatives; a no-grad evaluation at rho=1 (no randomness) checks that the two
-agree on the value.
+Inputs (``--inputs``, seeded, identical for every implementation): ``clustered`` (default) —
+every image holds a few of 27 classes; a patch's backbone feature is its class centre plus an
+image-specific offset plus noise (so patches of one image resemble each other more than the
+pool entries, which come from other images, as with real features), the EMA code likewise in
+its own space, ``z``/``z_lhp`` are noisy copies of the code; pools are drawn from the same model
+with fresh images. ``random`` — independent uniform unit vectors (positives are then rarest,
+about ``2/P`` of candidates). Both are L2-normalised. The densities observed on them (task-agnostic
+and task-specific positives per anchor, kept anchors, denominator size, pairs evaluated by the
+sparse path) are reported.
+
+Implementations (``--impls``): ``sparse`` = ``hidden_positive_loss(path="sparse")``, ``dense`` =
+``path="dense"``, ``reference`` = ``reference_loss.reference_hidden_positive_loss``. They are timed
+in one process, interleaved (A B C, B C A, …) after warm-up runs, so that load from other
+processes affects them alike; min and median of the wall-clock seconds of
+``loss = f(...); loss.backward()`` (device synchronised on CUDA) are reported. ``hpseg`` draws its
+negatives from one seeded generator, so the sparse and dense paths see identical negatives and
+must agree on the loss (checked); the reference draws its own, and a no-grad evaluation at
+ρ = 1 (no randomness) checks that it agrees with ``hpseg``.
+
+Peak memory: each implementation alone in a child process over one forward + backward: on CUDA
+``torch.cuda.max_memory_allocated`` minus the inputs; on CPU the peak resident set size
+``ru_maxrss`` minus the resident size just before the step, with glibc malloc told to unmap
+every freed block of 128 KiB or more (so the figure follows live memory plus allocator overhead,
+not malloc's caching). ``--no-memory`` skips it.
 """
 
 from __future__ import annotations
@@ -40,8 +55,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SCALES = {
     "cpu": {"B": 8, "S": 14, "D": 512, "F": 384, "P": 2048},
+    "narrow": {"B": 4, "S": 28, "D": 64, "F": 96, "P": 256},
+    "wide": {"B": 4, "S": 28, "D": 512, "F": 384, "P": 2048},
     "paper": {"B": 64, "S": 28, "D": 512, "F": 384, "P": 2048},
+    "paper16": {"B": 64, "S": 28, "D": 16, "F": 16, "P": 2048},
 }
+IMPLS = ("sparse", "dense", "reference")
 
 
 def _cpu_name() -> str:
@@ -68,108 +87,196 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
+def _config(args: argparse.Namespace) -> dict[str, int]:
+    cfg = dict(SCALES[args.scale])
+    if args.width:
+        cfg["D"] = cfg["F"] = args.width
+    cfg["N"] = cfg["B"] * cfg["S"] ** 2
+    return cfg
+
+
 # ------------------------------------------------------------------------------------------
-# worker: one implementation in a fresh process
+# inputs
+# ------------------------------------------------------------------------------------------
+
+
+def make_inputs(kind: str, cfg: dict[str, int], device: Any, seed: int = 0) -> dict[str, Any]:
+    """The benchmark's inputs (module docstring): ``z, z_lhp`` (N, D), ``feats`` (N, F),
+    ``code_ema`` (N, D), ``pool_agnostic`` (P, F), ``pool_specific`` (P, D), all unit rows."""
+    import torch
+    import torch.nn.functional as F
+
+    b, s, d, f, p = cfg["B"], cfg["S"], cfg["D"], cfg["F"], cfg["P"]
+    n = b * s * s
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    if kind == "random":
+        return {
+            "z": unit(randn(n, d)),
+            "z_lhp": unit(randn(n, d)),
+            "feats": unit(randn(n, f)),
+            "code_ema": unit(randn(n, d)),
+            "pool_agnostic": unit(randn(p, f)),
+            "pool_specific": unit(randn(p, d)),
+        }
+    classes, per_image_classes = 27, 3
+    centres_f, centres_d = unit(randn(classes, f)), unit(randn(classes, d))
+
+    def patches(images: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images·rows,) class labels (a few classes per image) and image ids."""
+        present = torch.stack(
+            [torch.randperm(classes, generator=gen, device=device)[:per_image_classes] for _ in range(images)]
+        )
+        pick = torch.randint(per_image_classes, (images, rows), generator=gen, device=device)
+        labels = torch.gather(present, 1, pick).reshape(-1)
+        return labels, torch.arange(images, device=device).repeat_interleave(rows)
+
+    def embed(labels: torch.Tensor, image: torch.Tensor, images: int, centres: torch.Tensor) -> torch.Tensor:
+        width = centres.shape[1]
+        offset = unit(randn(images, width))[image]  # what the patches of one image share
+        return unit(centres[labels] + 0.2 * offset + 0.9 * unit(randn(labels.numel(), width)))
+
+    labels, image = patches(b, s * s)
+    feats = embed(labels, image, b, centres_f)
+    code_ema = embed(labels, image, b, centres_d)
+    pool_labels, pool_image = patches(p, 1)
+    return {
+        "z": unit(code_ema + 0.5 * unit(randn(n, d))),
+        "z_lhp": unit(code_ema + 0.5 * unit(randn(n, d))),
+        "feats": feats,
+        "code_ema": code_ema,
+        "pool_agnostic": embed(pool_labels, pool_image, p, centres_f),
+        "pool_specific": embed(pool_labels, pool_image, p, centres_d),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# worker: the implementations in a fresh process
 # ------------------------------------------------------------------------------------------
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent / "src"))
     from reference_loss import reference_hidden_positive_loss
 
-    from hpseg.hidden_positives import hidden_positive_loss
+    from hpseg.hidden_positives import HiddenPositiveLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = SCALES[args.scale]
-    b, s, d, f, p = cfg["B"], cfg["S"], cfg["D"], cfg["F"], cfg["P"]
-    n = b * s * s
-    gen = torch.Generator(device=device).manual_seed(0)
+    cfg = _config(args)
+    b = cfg["B"]
+    x = make_inputs(args.inputs, cfg, device)
+    rest = (x["feats"], x["code_ema"], x["pool_agnostic"], x["pool_specific"])
+    modules = {
+        impl: HiddenPositiveLoss(
+            args.tau, args.rho, path=impl, memory_gb=args.memory_gb, chunk_images=args.chunk_images
+        )
+        for impl in ("sparse", "dense")
+    }
 
-    def unit(*shape: int) -> torch.Tensor:
-        return F.normalize(torch.randn(*shape, generator=gen, device=device), dim=1)
-
-    z0, z_lhp0 = unit(n, d), unit(n, d)
-    rest = (unit(n, f), unit(n, d), unit(p, f), unit(p, d))
-    common = dict(num_images=b, tau=args.tau, lam=args.lam)
-    if args.impl == "hpseg":
-
-        def loss_fn(z: torch.Tensor, z_lhp: torch.Tensor, rho: float) -> torch.Tensor:
-            return hidden_positive_loss(z, z_lhp, *rest, rho=rho, chunk_images=args.chunk_images, **common)
-    else:
-
-        def loss_fn(z: torch.Tensor, z_lhp: torch.Tensor, rho: float) -> torch.Tensor:
-            return reference_hidden_positive_loss(z, z_lhp, *rest, rho=rho, **common)
+    def loss_fn(impl: str, z: torch.Tensor, z_lhp: torch.Tensor, rho: float | None = None) -> torch.Tensor:
+        if impl == "reference":
+            r = args.rho if rho is None else rho
+            return reference_hidden_positive_loss(
+                z, z_lhp, *rest, num_images=b, tau=args.tau, lam=args.lam, rho=r
+            )
+        module = modules[impl]
+        module.rho = args.rho if rho is None else rho
+        gen = torch.Generator(device=device).manual_seed(1)  # same negatives for both paths
+        return module(z, z_lhp, *rest, num_images=b, lam=args.lam, generator=gen)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def step() -> float:
-        z = z0.clone().requires_grad_(True)
-        z_lhp = z_lhp0.clone().requires_grad_(True)
+    def step(impl: str) -> tuple[float, float]:
+        z = x["z"].clone().requires_grad_(True)
+        z_lhp = x["z_lhp"].clone().requires_grad_(True)
         sync()
         t0 = time.perf_counter()
-        loss = loss_fn(z, z_lhp, args.rho)
+        loss = loss_fn(impl, z, z_lhp)
         loss.backward()
         sync()
         elapsed = time.perf_counter() - t0
+        assert z.grad is not None and z_lhp.grad is not None
         if not (torch.isfinite(loss) and torch.isfinite(z.grad).all() and torch.isfinite(z_lhp.grad).all()):
-            raise FloatingPointError("non-finite loss or gradient")
-        return elapsed
+            raise FloatingPointError(f"{impl}: non-finite loss or gradient")
+        return elapsed, float(loss.detach())
 
-    def prime() -> None:
-        """A tiny forward + backward so that lazy initialisation (kernels, thread pools, BLAS
-        workspaces) is not counted as the loss's memory."""
-        tiny = [x[: 4 * 4] for x in (z0, z_lhp0, rest[0], rest[1])]
-        zt, zlt = (x.clone().requires_grad_(True) for x in tiny[:2])
-        fn = hidden_positive_loss if args.impl == "hpseg" else reference_hidden_positive_loss
-        fn(
-            zt,
-            zlt,
-            tiny[2],
-            tiny[3],
-            rest[2],
-            rest[3],
+    impls = [i for i in args.impls.split(",") if i]
+    out: dict[str, Any] = {"results": {i: {"impl": i} for i in impls}}
+    if args.measure == "memory":  # one implementation, one step, in a process of its own
+        impl = impls[0]
+        tiny = {k: v[: 4 * 4] if k in ("z", "z_lhp", "feats", "code_ema") else v for k, v in x.items()}
+        HiddenPositiveLoss(args.tau, args.rho)(  # lazy initialisation is not the loss's memory
+            tiny["z"].clone().requires_grad_(True),
+            tiny["z_lhp"],
+            tiny["feats"],
+            tiny["code_ema"],
+            tiny["pool_agnostic"],
+            tiny["pool_specific"],
             num_images=4,
-            tau=args.tau,
             lam=args.lam,
-            rho=args.rho,
         ).backward()
-        sync()
+        r = out["results"][impl]
+        try:
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                r["seconds"], _ = step(impl)
+                r["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            else:
+                rss_before = _rss_mb()
+                r["seconds"], _ = step(impl)
+                r["peak_mem_mb"] = max(0.0, _peak_rss_mb() - rss_before)
+                r["rss_before_mb"] = rss_before
+        except (RuntimeError, FloatingPointError, MemoryError) as exc:
+            r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return out
 
-    out: dict[str, Any] = {"impl": args.impl}
-    try:
-        prime()
-        if args.measure == "memory":  # CPU: one step in a process whose allocator returns freed memory
-            rss_before = _rss_mb()  # inputs allocated, nothing of the loss yet
-            step()
-            out["peak_mem_mb"] = max(0.0, _peak_rss_mb() - rss_before)
-            out["rss_before_mb"] = rss_before
-            return out
-        if device.type == "cuda":
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):
-            step()
-        times = [step() for _ in range(args.repeats)]
-        if device.type == "cuda":
-            out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    times: dict[str, list[float]] = {i: [] for i in impls}
+    values: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    rounds = args.warmup + args.repeats
+    for k in range(rounds):  # interleaved: A B C, B C A, C A B, ...
+        order = impls[k % len(impls) :] + impls[: k % len(impls)]
+        for impl in order:
+            if impl in failed:
+                continue
+            try:
+                seconds, value = step(impl)
+            except (RuntimeError, FloatingPointError, MemoryError) as exc:  # OOM included
+                failed[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            values[impl] = value
+            if k >= args.warmup:
+                times[impl].append(seconds)
+            print(f"  round {k}: {impl} {seconds:.3f} s", file=sys.stderr, flush=True)
+    for impl in impls:
+        r = out["results"][impl]
+        if impl in failed:
+            r["error"] = failed[impl]
+            continue
+        ts = times[impl]
+        r.update(times_s=ts, min_s=min(ts), median_s=statistics.median(ts), mean_s=statistics.fmean(ts))
+        r["loss"] = values[impl]
+        if impl in modules:
+            r["stats"] = dict(modules[impl].stats)
+    if args.check_rho1:
         with torch.no_grad():
-            out["loss_rho1"] = float(loss_fn(z0, z_lhp0, 1.0))
-        out.update(
-            times_s=times,
-            mean_s=statistics.fmean(times),
-            median_s=statistics.median(times),
-            min_s=min(times),
-        )
-    except (RuntimeError, FloatingPointError, MemoryError) as exc:  # OOM included
-        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            for impl in impls:
+                if impl not in failed:
+                    out["results"][impl]["loss_rho1"] = float(loss_fn(impl, x["z"], x["z_lhp"], rho=1.0))
     return out
 
 
@@ -178,35 +285,37 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def _run_child(args: argparse.Namespace, impl: str, measure: str = "time") -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--measure", measure]
-    for key in ("scale", "device", "repeats", "warmup", "tau", "lam", "rho", "chunk_images", "threads"):
+def _run_child(args: argparse.Namespace, impls: str, measure: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--measure", measure, "--impls", impls]
+    for key in (
+        "scale",
+        "device",
+        "repeats",
+        "warmup",
+        "tau",
+        "lam",
+        "rho",
+        "chunk_images",
+        "threads",
+        "inputs",
+        "memory_gb",
+        "width",
+    ):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+    if args.check_rho1 and measure == "time":
+        cmd.append("--check-rho1")
     env = dict(os.environ)
     if measure == "memory":
         # glibc: serve every allocation ≥ 128 KiB by mmap and unmap it on free, so that the
-        # resident size follows live memory rather than the allocator's adaptive caching (this
-        # slows allocation down, which is why timing runs in another process)
+        # resident size follows live memory rather than the allocator's adaptive caching
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"impl": impl, "error": f"{measure} worker exited with {proc.returncode}: {' | '.join(tail)}"}
+        return {"error": f"{measure} worker exited with {proc.returncode}"}
     return json.loads(lines[-1])
-
-
-def _run_impl(args: argparse.Namespace, impl: str) -> dict[str, Any]:
-    result = _run_child(args, impl, "time")
-    if args.device == "cpu" and "error" not in result:
-        memory = _run_child(args, impl, "memory")
-        if "error" in memory:
-            result["peak_mem_error"] = memory["error"]
-        else:
-            result["peak_mem_mb"] = memory["peak_mem_mb"]
-    return result
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -218,7 +327,7 @@ def _machine(device: str) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(0)
@@ -229,91 +338,139 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--width", type=int, default=None, help="override D and F")
+    parser.add_argument("--inputs", choices=["clustered", "random"], default="clustered")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tau", type=float, default=0.8)
     parser.add_argument("--lam", type=float, default=0.5)
     parser.add_argument("--rho", type=float, default=0.02)
-    parser.add_argument("--chunk-images", type=int, default=8)
+    parser.add_argument(
+        "--memory-gb", type=float, default=None, help="hpseg's memory budget (default: device's)"
+    )
+    parser.add_argument(
+        "--chunk-images", type=int, default=None, help="fixed anchor chunk (overrides the budget)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="time hpseg only")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--worker", choices=["hpseg", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--check-rho1", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
+    cfg = _config(args)
+    if args.impls is None:
+        big = cfg["N"] > 20_000
+        args.impls = "sparse" if big else ("sparse,dense" if args.skip_reference else ",".join(IMPLS))
     if args.worker:
-        print(json.dumps(_worker(args.__class__(**{**vars(args), "impl": args.worker}))))
+        print(json.dumps(_worker(args)))
         return 0
+    impls = [i for i in args.impls.split(",") if i]
+    if any(i not in IMPLS for i in impls):
+        parser.error(f"--impls: choose from {', '.join(IMPLS)}")
+    args.check_rho1 = "reference" in impls
 
-    if args.scale == "paper" and args.device == "cpu" and not args.skip_reference:
-        print(
-            "note: the reference keeps every image's (S², N) blocks for backward; at paper scale on "
-            "CPU that is tens of GiB (use --skip-reference if it does not fit)",
-            file=sys.stderr,
-        )
-    cfg = SCALES[args.scale]
     settings = {
         **cfg,
-        "N": cfg["B"] * cfg["S"] ** 2,
         "scale": args.scale,
+        "inputs": args.inputs,
         "device": args.device,
         "tau": args.tau,
         "lam": args.lam,
         "rho": args.rho,
+        "memory_gb": args.memory_gb,
         "chunk_images": args.chunk_images,
+        "threads": args.threads,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "products": "float16 (hpseg) / float16 autocast (reference)" if args.device == "cuda" else "float32",
-        "timed": "forward + backward, wall clock",
+        "timed": "forward + backward, wall clock, implementations interleaved in one process",
+        "products": "float16 masks/dense logits (hpseg), float16 autocast (reference)"
+        if args.device == "cuda"
+        else "float32",
         "peak_mem_method": (
-            "torch.cuda.max_memory_allocated minus inputs, per child process"
+            "torch.cuda.max_memory_allocated minus inputs, one step per child process"
             if args.device == "cuda"
-            else "ru_maxrss minus RSS before one forward+backward, in a separate child process whose "
-            "glibc malloc unmaps freed blocks >= 128 KiB (process level: live tensors + allocator overhead)"
+            else "ru_maxrss minus RSS before one forward+backward, one implementation per child process, "
+            "glibc malloc unmapping freed blocks >= 128 KiB (live tensors + allocator overhead)"
         ),
     }
-    results = {"hpseg": _run_impl(args, "hpseg")}
-    if not args.skip_reference:
-        results["reference"] = _run_impl(args, "reference")
-    report: dict[str, Any] = {"machine": _machine(args.device), "settings": settings, "results": results}
-    ours, theirs = results["hpseg"], results.get("reference", {})
-    if "median_s" in ours and "median_s" in theirs:
-        report["speedup_median"] = theirs["median_s"] / ours["median_s"]
-        report["speedup_mean"] = theirs["mean_s"] / ours["mean_s"]
-    if "loss_rho1" in ours and "loss_rho1" in theirs:
-        report["loss_rho1_rel_diff"] = abs(ours["loss_rho1"] - theirs["loss_rho1"]) / abs(theirs["loss_rho1"])
+    report: dict[str, Any] = {"machine": _machine(args.device), "settings": settings}
+    timed = _run_child(args, args.impls, "time")
+    results: dict[str, Any] = timed.get(
+        "results", {i: {"impl": i, "error": timed.get("error")} for i in impls}
+    )
+    if not args.no_memory:
+        for impl in impls:
+            if "error" in results[impl] and "min_s" not in results[impl]:
+                continue
+            mem = (
+                _run_child(args, impl, "memory")
+                .get("results", {})
+                .get(impl, {"error": "memory child failed"})
+            )
+            if "error" in mem:
+                results[impl]["peak_mem_error"] = mem["error"]
+            else:
+                results[impl]["peak_mem_mb"] = mem["peak_mem_mb"]
+                results[impl].setdefault("single_step_s", mem.get("seconds"))
+    report["results"] = results
+    report["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    ok = {k: r for k, r in results.items() if "median_s" in r}
+    if "reference" in ok:
+        for impl in ("sparse", "dense"):
+            if impl in ok:
+                report[f"speedup_{impl}_median"] = ok["reference"]["median_s"] / ok[impl]["median_s"]
+                report[f"speedup_{impl}_min"] = ok["reference"]["min_s"] / ok[impl]["min_s"]
+    if "sparse" in ok and "dense" in ok:
+        report["sparse_vs_dense_loss_rel_diff"] = abs(ok["sparse"]["loss"] - ok["dense"]["loss"]) / abs(
+            ok["dense"]["loss"]
+        )
+    if "reference" in ok and "loss_rho1" in ok["reference"]:
+        for impl in ("sparse", "dense"):
+            if impl in ok and "loss_rho1" in ok[impl]:
+                report[f"{impl}_vs_reference_loss_rho1_rel_diff"] = abs(
+                    ok[impl]["loss_rho1"] - ok["reference"]["loss_rho1"]
+                ) / abs(ok["reference"]["loss_rho1"])
 
     m, st = report["machine"], settings
     print(
-        f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
-        f"device {m['device_name']}, torch {m['torch']}, {m['platform']}"
+        f"machine: {m['cpu']} ({m['cpu_count']} cores), device {m['device_name']}, torch {m['torch']}, "
+        f"load average {m['load_average_1_5_15']} -> {m['load_average_after']}"
     )
     print(
-        f"problem: scale={st['scale']} B={st['B']} S={st['S']} N={st['N']} D={st['D']} F={st['F']} "
-        f"P={st['P']} tau={st['tau']} lam={st['lam']} rho={st['rho']} chunk_images={st['chunk_images']}"
+        f"problem: scale={st['scale']} inputs={st['inputs']} B={st['B']} S={st['S']} N={st['N']} D={st['D']} "
+        f"F={st['F']} P={st['P']} tau={st['tau']} lam={st['lam']} rho={st['rho']} threads={st['threads']}"
     )
     for name, r in results.items():
-        if "error" in r:
-            print(f"  {name:9s} ERROR {r['error']}")
+        if "median_s" not in r:
+            print(f"  {name:9s} ERROR {r.get('error')}")
             continue
         print(
-            f"  {name:9s} mean {r['mean_s'] * 1e3:9.1f} ms  median {r['median_s'] * 1e3:9.1f} ms  "
-            f"min {r['min_s'] * 1e3:9.1f} ms  peak mem {r.get('peak_mem_mb', float('nan')):9.1f} MiB  loss(rho=1) {r['loss_rho1']:.6f}"
+            f"  {name:9s} min {r['min_s'] * 1e3:9.1f} ms  median {r['median_s'] * 1e3:9.1f} ms  "
+            f"peak mem {r.get('peak_mem_mb', float('nan')):9.1f} MiB  loss {r['loss']:.6f}"
         )
-    if "speedup_median" in report:
-        print(
-            f"  speedup (reference / hpseg): median {report['speedup_median']:.2f}x, "
-            f"mean {report['speedup_mean']:.2f}x; loss(rho=1) rel. diff {report['loss_rho1_rel_diff']:.2e}"
-        )
-    print(f"  peak memory: {settings['peak_mem_method']}")
+        if "stats" in r:
+            s = r["stats"]
+            print(
+                f"            path {s['path']}, chunk {s['chunk_images']} images; per anchor: "
+                f"{s['positives_per_anchor']:.1f} agnostic positives ({s['positives_per_anchor'] / st['N']:.2%}), "
+                f"{s['specific_per_anchor']:.1f} specific; kept anchors {s['kept_anchor_fraction']:.1%}; "
+                f"denominator {s['denominator_fraction']:.2%} of N; pairs evaluated {s['pair_fraction']:.2%}"
+            )
+    for key in sorted(k for k in report if k.startswith("speedup")):
+        print(f"  {key}: {report[key]:.2f}x")
+    for key in sorted(k for k in report if k.endswith("rel_diff")):
+        print(f"  {key}: {report[key]:.2e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return 0 if all("median_s" in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

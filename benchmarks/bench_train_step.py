@@ -11,7 +11,7 @@ Scales (ViT-S/8 architecture with random weights: nothing is downloaded):
 * ``cpu``   — 96 px images (S=12, N=1,152 patches), batch 8, D=512, P=2048;
 * ``paper`` — 224 px (S=28, N=50,176), batch 64, D=512, P=2048: the authors' COCO-Stuff step.
 
-What one step is, for every implementation (hp-method §7, ``hpseg.train.fit``): backbone
+What one step is, for every implementation (docs/method.md §7, ``hpseg.train.train_step``): backbone
 forward of the clean view (features + last-block attention logits) and of the photometric
 view (features), segmentation head, EMA head, local propagation, projection head, the hidden-
 positive loss, the consistency loss, both probes, the EMA update, ``zero_grad``, backward,
@@ -20,15 +20,16 @@ the device (data loading is not timed); λ=0.5 (after warm-up), τ=0.8, ρ=0.02,
 
 Implementations:
 
-* ``hpseg``       — :class:`hpseg.train.HPObjective` after :func:`hpseg.train.backbone_outputs`,
-  exactly as the training loop calls them;
+* ``hpseg``       — :func:`hpseg.train.train_step`, exactly as the training loop calls it
+  (:class:`~hpseg.train.HPObjective` with :class:`~hpseg.hidden_positives.HiddenPositiveLoss`,
+  :class:`~hpseg.train.Optimizers`);
 * ``hpseg-cached``— the same, with the clean view's backbone outputs read from a feature cache
   (``train.cache_features=true``): their backbone forward is skipped; the augmented view still
   runs it. Reading the memory-mapped cache from disk is *not* timed (tensors already in memory);
 * ``reference``   — the same step written plainly, with the per-image loss and per-image
   local propagation of ``benchmarks/reference_loss.py`` (the authors' structure).
 
-Mixed precision: ``hpseg.runtime.autocast`` (bfloat16 where supported, else float16, on CUDA;
+Mixed precision: :class:`hpseg.runtime.Runtime` with ``precision="fp16"`` (the authors' setting;
 float32 on CPU) around the step for all three; inside, ``hpseg`` uses float16 similarity
 products on CUDA and the reference its float16 autocast, as the authors' code. Timings are
 wall-clock seconds per step after warm-up steps, with device synchronisation; the backbone
@@ -48,7 +49,6 @@ reported as such and the others go on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -114,17 +114,26 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
     from reference_loss import reference_hidden_positive_loss, reference_local_propagation
 
     from hpseg.backbones import build_backbone
-    from hpseg.hidden_positives import consistency_loss
+    from hpseg.config import TrainConfig
+    from hpseg.hidden_positives import HiddenPositiveLoss, consistency_loss
     from hpseg.model import HPModel
-    from hpseg.runtime import autocast, grad_scaler
-    from hpseg.train import HPObjective, LossWeights, backbone_outputs, flatten_patches, probe_cross_entropy
+    from hpseg.runtime import Runtime
+    from hpseg.train import (
+        HPObjective,
+        Optimizers,
+        ReferencePools,
+        backbone_outputs,
+        flatten_patches,
+        probe_cross_entropy,
+        train_step,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    runtime = Runtime.create(device, "fp32" if args.no_amp else "fp16")
     cfg = SCALES[args.scale]
     b, res, d, p, c = cfg["batch"], cfg["resolution"], cfg["D"], cfg["P"], cfg["classes"]
-    amp = not args.no_amp
 
     torch.manual_seed(0)
     backbone = build_backbone(cfg["backbone"], pretrained=False, img_size=res).to(device)  # frozen: shared
@@ -132,7 +141,7 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
     images = torch.randn(b, 3, res, res, generator=gen).to(device)
     images_aug = (images + 0.3 * torch.randn(b, 3, res, res, generator=gen).to(device)).contiguous()
     labels = torch.randint(0, c, (b, res, res), generator=gen).to(device)
-    batch = {"img": images, "img_aug": images_aug}
+    batch = {"img": images, "img_aug": images_aug, "label": labels}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -150,41 +159,53 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
         flat_f = flatten_patches(clean_feats).float()
         flat_s = flatten_patches(new_model().ema_head(clean_feats)).float()
         rows = torch.randint(flat_f.shape[0], (p,), generator=gen).to(device)
-        pool_ag = F.normalize(flat_f[rows], dim=1)
-        pool_sp = F.normalize(flat_s[rows], dim=1)
+        pools = ReferencePools(p, HP["dropout"], torch.Generator())
+        pools.agnostic = F.normalize(flat_f[rows], dim=1)
+        pools.specific = F.normalize(flat_s[rows], dim=1)
+        pool_ag, pool_sp = pools.agnostic, pools.specific
         cached = {
             "feats": clean_feats.half(),
             "attn_logits": clean_attn.half(),
         }  # as CachedFeatures stores them
     del out, flat_f, flat_s, clean_feats, clean_attn
-    weights = LossWeights(
-        tau=HP["tau"], rho=HP["rho"], alpha=HP["alpha"], sigma=HP["sigma"], dropout=HP["dropout"]
-    )
 
     def make(name: str) -> _Impl:
         model = new_model()
-        optimizers = {
-            "head": torch.optim.AdamW(model.head.parameters(), lr=5e-4, weight_decay=0.1),
-            "projection": torch.optim.Adam(model.projection.parameters(), lr=5e-4),
-            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=1e-3),
-            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=5e-3),
-        }
-        scaler = grad_scaler(device, amp)
-        objective = HPObjective(model, weights)
+        optimizers = Optimizers(model, TrainConfig())  # the authors' four optimisers
+        scaler = runtime.grad_scaler()
 
-        def hpseg_backbone() -> tuple[torch.Tensor, ...]:
-            source = {**batch, **cached} if name == "hpseg-cached" else batch
-            return backbone_outputs(model, source, device, amp=amp, need_aug=True)
+        def objective(rho: float) -> HPObjective:
+            loss = HiddenPositiveLoss(HP["tau"], rho, matmul_dtype=runtime.matmul_dtype)
+            return HPObjective(model, loss, alpha=HP["alpha"], sigma=HP["sigma"])
 
-        def hpseg_objective(feats: Any, attn: Any, feats_aug: Any, rho: float, training: bool) -> Any:
-            objective.train(training)
-            objective.w = dataclasses.replace(weights, rho=rho)
-            with autocast(device, amp):
-                loss, _ = objective(feats, attn, feats_aug, labels, pool_ag, pool_sp, HP["lam"])
-            return loss
+        train_objective, check_objective = objective(HP["rho"]), objective(1.0)
+        source = {**batch, **cached} if name == "hpseg-cached" else batch
+
+        def hpseg_step() -> tuple[float, float, float]:
+            """One ``train_step`` (it runs the backbone itself); its backbone part is estimated by
+            a separate, untimed-in-total ``backbone_outputs`` call just before."""
+            sync()
+            t0 = time.perf_counter()
+            backbone_outputs(model, source, runtime, need_aug=True)
+            sync()
+            t1 = time.perf_counter()
+            train_objective.train(True)
+            train_step(train_objective, model, source, pools, HP["lam"], optimizers, scaler, runtime,
+                       ema_m=HP["ema_m"])
+            sync()
+            total, backbone_part = time.perf_counter() - t1, t1 - t0
+            return total, backbone_part, total - backbone_part
+
+        def hpseg_check() -> float:
+            with torch.no_grad():
+                feats, attn, feats_aug = backbone_outputs(model, source, runtime, need_aug=True)
+                check_objective.train(False)
+                with runtime.autocast():
+                    loss, _ = check_objective(feats, attn, feats_aug, labels, pool_ag, pool_sp, HP["lam"])
+            return float(loss)
 
         def reference_backbone() -> tuple[torch.Tensor, ...]:
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), runtime.autocast():
                 out = backbone(images)
                 feats_aug = backbone(images_aug, with_attention=False).feats
             return out.feats.float(), out.attn_logits.float(), feats_aug.float()
@@ -196,7 +217,7 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
                 return F.dropout2d(x, pdrop, training)
 
             model.head.train(training)
-            with autocast(device, amp):
+            with runtime.autocast():
                 code = model.head(feats)
                 with torch.no_grad():
                     code_ema = drop(model.ema_head(feats, dropout=pdrop if training else 0.0))
@@ -216,42 +237,33 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
                 loss_cluster, _ = model.cluster_probe(detached, None)
             return loss_hp + HP["alpha"] * loss_cons + loss_linear + loss_cluster
 
-        run_backbone = reference_backbone if name == "reference" else hpseg_backbone
-        run_objective = reference_objective if name == "reference" else hpseg_objective
-
-        def optimise(loss: torch.Tensor) -> None:
-            model.ema_head.ema_update(model.head, HP["ema_m"])
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizers["head"])
-            torch.nn.utils.clip_grad_norm_(model.head.parameters(), 10.0)
-            for opt in optimizers.values():
-                scaler.step(opt)
-            scaler.update()
-
-        def step() -> tuple[float, float, float]:
+        def reference_step() -> tuple[float, float, float]:
             """One training step: (total, backbone part, rest) wall-clock seconds."""
             sync()
             t0 = time.perf_counter()
-            feats, attn, feats_aug = run_backbone()
+            feats, attn, feats_aug = reference_backbone()
             sync()
             t1 = time.perf_counter()
-            loss = run_objective(feats, attn, feats_aug, HP["rho"], True)
-            optimise(loss)
+            loss = reference_objective(feats, attn, feats_aug, HP["rho"], True)
+            model.ema_head.ema_update(model.head, HP["ema_m"])
+            optimizers.zero_grad()
+            scaler.scale(loss).backward()
+            optimizers.step(scaler)
             sync()
             t2 = time.perf_counter()
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss")
             return t2 - t0, t1 - t0, t2 - t1
 
-        def check() -> float:
+        def reference_check() -> float:
             """The step's loss without dropout at rho=1 (deterministic), no update."""
             with torch.no_grad():
-                feats, attn, feats_aug = run_backbone()
-                return float(run_objective(feats, attn, feats_aug, 1.0, False))
+                feats, attn, feats_aug = reference_backbone()
+                return float(reference_objective(feats, attn, feats_aug, 1.0, False))
 
-        return _Impl(name, step, check)
+        if name == "reference":
+            return _Impl(name, reference_step, reference_check)
+        return _Impl(name, hpseg_step, hpseg_check)
 
     return {"batch": b, "device": device, "sync": sync}, {name: make(name) for name in impls}
 

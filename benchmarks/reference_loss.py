@@ -1,4 +1,4 @@
-"""A straightforward per-image formulation of the HP loss and of LHP (hp-method §4–6).
+"""A straightforward per-image formulation of the HP loss and of LHP (docs/method.md §4–6).
 
 This is the baseline for ``bench_loss.py`` and an independent check for the tests. It follows
 the structure of the authors' implementation in spirit (our own code): one Python iteration per
@@ -99,7 +99,7 @@ def reference_hidden_positive_loss(
 def reference_local_propagation(
     attn_logits: torch.Tensor, code: torch.Tensor, sigma: float = 28.0
 ) -> torch.Tensor:
-    """LHP with a dense ``(S², S²)`` neighbourhood mask, one image at a time (hp-method §6).
+    """LHP with a dense ``(S², S²)`` neighbourhood mask, one image at a time (docs/method.md §6).
 
     ``attn_logits`` ``(B, H, 1+S², 1+S²)``, ``code`` ``(B, D, S, S)`` → ``(B, D, S, S)``.
     """

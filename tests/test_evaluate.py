@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from hpseg.backbones import BackboneArch, backbone_from_arch
-from hpseg.evaluate import cluster_usage, evaluate_model, write_results
+from hpseg.diagnostics import cluster_usage
+from hpseg.evaluate import evaluate_model, write_results
 from hpseg.model import HPModel
 from hpseg.results import Protocol, Results
 from hpseg.runtime import Runtime

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.backbones import BackboneArch, backbone_from_arch
+from hpseg.checkpoint import save_checkpoint
 from hpseg.cli import main
 from hpseg.errors import HPSegError
 from hpseg.export import export_model, run_exported
-from hpseg.checkpoint import save_checkpoint
 from hpseg.model import HPModel
 
 ONNX_MISSING = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]

@@ -14,9 +14,10 @@ from torch.utils.data.dataloader import default_collate
 from hpseg.backbones import build_backbone
 from hpseg.errors import HPSegError
 from hpseg.feature_cache import ATTN_FILE, FEATS_FILE, MANIFEST, CachedFeatures, cache_bytes_per_image
+from hpseg.hidden_positives import HiddenPositiveLoss
 from hpseg.model import HPModel
 from hpseg.runtime import Runtime
-from hpseg.train import HiddenPositiveLoss, HPObjective, ReferencePools, backbone_outputs
+from hpseg.train import HPObjective, ReferencePools, backbone_outputs
 
 RES = 32  # 4×4 patches of 8 px
 

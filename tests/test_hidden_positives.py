@@ -1,9 +1,11 @@
 """Tests for hpseg.hidden_positives: golden parity, an independent per-image reference, chunking,
-NaN-free edge cases, bounded memory, LHP and the small helpers."""
+the sparse path against the dense one, the negative draw, the memory budget, NaN-free edge
+cases, bounded memory, LHP and the small helpers."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ from torch.utils._pytree import tree_flatten
 
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives import (
+    HiddenPositiveLoss,
+    chunk_images_for_budget,
     consistency_loss,
+    draw_negative_keys,
     hidden_positive_loss,
     lambda_schedule,
     local_propagation,
@@ -24,9 +29,13 @@ from hpseg.hidden_positives import (
     neighbourhood_mask,
     pool_thresholds,
     positive_masks,
+    positive_pair_keys,
     sample_pool,
     sample_pool_entries,
 )
+from hpseg.hidden_positives.budget import DENSE_BYTES_PER_ENTRY
+from hpseg.hidden_positives.masks import _positive_entries, threshold_margin
+from hpseg.hidden_positives.sparse import BYTES_PER_PAIR
 
 _REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loss.py"
 
@@ -93,7 +102,7 @@ def _formula_loss(
     keep: torch.Tensor,
     reweight: bool = True,
 ) -> torch.Tensor:
-    """hp-method §4–5 anchor by anchor, dropped anchors and empty images removed by hand."""
+    """docs/method.md §4–5 anchor by anchor, dropped anchors and empty images removed by hand."""
     n = z.shape[0]
     per_image = n // num_images
     not_self = ~torch.eye(n, dtype=torch.bool)
@@ -128,8 +137,9 @@ def _formula_loss(
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("chunk_images", [1, 2, 8])
-def test_golden_loss_and_gradients(load_golden: Any, chunk_images: int) -> None:
+def test_golden_loss_and_gradients(load_golden: Any, chunk_images: int, path: str) -> None:
     g = load_golden("loss_a.pt")
     got = _value_and_grads(
         hidden_positive_loss,
@@ -141,6 +151,7 @@ def test_golden_loss_and_gradients(load_golden: Any, chunk_images: int) -> None:
         negative_keep=g["negative_keep"],
         reweight=bool(g["reweighting"]),
         chunk_images=chunk_images,
+        path=path,
     )
     torch.testing.assert_close(got[0], g["loss"], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(got[1], g["grad_z"], rtol=1e-5, atol=1e-8)
@@ -181,8 +192,9 @@ def test_golden_local_propagation(load_golden: Any) -> None:
         (3, 4, 12, 6, 8, 0.02, 0.25, False, 8),
     ],
 )
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_matches_per_image_reference(
-    b: int, s: int, d: int, f: int, p: int, rho: float, lam: float, reweight: bool, chunk: int
+    b: int, s: int, d: int, f: int, p: int, rho: float, lam: float, reweight: bool, chunk: int, path: str
 ) -> None:
     inputs = _problem(b, s, d, f, p, seed=b * 100 + s)
     n = b * s * s
@@ -190,31 +202,35 @@ def test_matches_per_image_reference(
     kwargs = dict(num_images=b, tau=0.6, lam=lam, negative_keep=keep, reweight=reweight)
     want = _value_and_grads(ref.reference_hidden_positive_loss, inputs, **kwargs)
     assert all(bool(torch.isfinite(t).all()) for t in want)
-    got = _value_and_grads(hidden_positive_loss, inputs, chunk_images=chunk, **kwargs)
+    got = _value_and_grads(hidden_positive_loss, inputs, chunk_images=chunk, path=path, **kwargs)
     _assert_parity(got, want)
 
 
-def test_chunked_equals_unchunked() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_chunked_equals_unchunked(path: str) -> None:
     b, s = 5, 4
     inputs = _problem(b, s, 8, 12, 16, seed=3)
     n = b * s * s
     keep = torch.rand(n, n, generator=torch.Generator().manual_seed(1)) < 0.5
-    kwargs = dict(num_images=b, tau=0.8, lam=0.5, negative_keep=keep)
+    kwargs = dict(num_images=b, tau=0.8, lam=0.5, negative_keep=keep, path=path)
     full = _value_and_grads(hidden_positive_loss, inputs, chunk_images=b, **kwargs)
     for chunk in (1, 2, 3):
         _assert_parity(_value_and_grads(hidden_positive_loss, inputs, chunk_images=chunk, **kwargs), full)
 
 
-def test_value_without_grad_and_single_branch_grad() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_value_without_grad_and_single_branch_grad(path: str) -> None:
     inputs = _problem(3, 4, 8, 8, 8, seed=5)
-    kwargs = dict(num_images=3, tau=0.8, lam=0.5)
+    kwargs = dict(num_images=3, tau=0.8, lam=0.5, rho=0.1, path=path, generator=torch.Generator())
     full = _value_and_grads(hidden_positive_loss, inputs, **kwargs)
     rest = [inputs[k] for k in ("feats", "code_ema", "pool_agnostic", "pool_specific")]
     with torch.no_grad():
-        value = hidden_positive_loss(inputs["z"], inputs["z_lhp"], *rest, **kwargs)
+        value = hidden_positive_loss(
+            inputs["z"], inputs["z_lhp"], *rest, **{**kwargs, "generator": torch.Generator()}
+        )
     torch.testing.assert_close(value, full[0])
     z = inputs["z"].clone().requires_grad_(True)
-    hidden_positive_loss(z, inputs["z_lhp"], *rest, **kwargs).backward()
+    hidden_positive_loss(z, inputs["z_lhp"], *rest, **{**kwargs, "generator": torch.Generator()}).backward()
     torch.testing.assert_close(z.grad, full[1])
 
 
@@ -249,14 +265,15 @@ def _kept_anchors(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return positive_masks(inputs["feats"], inputs["code_ema"], r_ag, r_sp, slice(0, n)).kept
 
 
-def test_dropped_anchor_with_rho_zero_has_finite_gradients() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_dropped_anchor_with_rho_zero_has_finite_gradients(path: str) -> None:
     inputs = _isolated_problem(isolated=[4, 13])
     kept = _kept_anchors(inputs)
     assert not kept[4] and not kept[13] and kept.view(3, -1).any(dim=1).all()
     n = kept.numel()
     no_keep = torch.zeros(n, n, dtype=torch.bool)
     kwargs = dict(num_images=3, tau=0.5, lam=0.5)
-    got = _value_and_grads(hidden_positive_loss, inputs, rho=0.0, **kwargs)  # no explicit keep
+    got = _value_and_grads(hidden_positive_loss, inputs, rho=0.0, path=path, **kwargs)  # no explicit keep
     assert all(bool(torch.isfinite(t).all()) for t in got)
     _assert_parity(got, _value_and_grads(_formula_loss, inputs, keep=no_keep, **kwargs))
     # the per-image reference (authors' structure): same value, NaN gradients from log(0)·0
@@ -270,7 +287,8 @@ def test_dropped_anchor_with_rho_zero_has_finite_gradients() -> None:
     _assert_parity(got, fixed)
 
 
-def test_image_without_kept_anchor_contributes_zero() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_image_without_kept_anchor_contributes_zero(path: str) -> None:
     b, s = 3, 3
     empty_image = list(range(s * s, 2 * s * s))  # image 1: no patch has a positive
     inputs = _isolated_problem(isolated=empty_image, b=b, s=s, seed=2)
@@ -280,35 +298,52 @@ def test_image_without_kept_anchor_contributes_zero() -> None:
     keep = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < 0.3
     kwargs = dict(num_images=b, tau=0.7, lam=0.8)
     for chunk in (1, 3):
-        got = _value_and_grads(hidden_positive_loss, inputs, negative_keep=keep, chunk_images=chunk, **kwargs)
+        got = _value_and_grads(
+            hidden_positive_loss, inputs, negative_keep=keep, chunk_images=chunk, path=path, **kwargs
+        )
         assert all(bool(torch.isfinite(t).all()) for t in got)
+        drawn = _value_and_grads(  # drawn negatives, rho = 0 and rho > 0
+            hidden_positive_loss,
+            inputs,
+            rho=0.0 if chunk == 1 else 0.3,
+            chunk_images=chunk,
+            path=path,
+            **kwargs,
+        )
+        assert all(bool(torch.isfinite(t).all()) for t in drawn)
         _assert_parity(got, _value_and_grads(_formula_loss, inputs, keep=keep, **kwargs))
     # the authors' structure averages an empty tensor for that image: NaN
     nan = _value_and_grads(ref.reference_hidden_positive_loss, inputs, negative_keep=keep, **kwargs)
     assert torch.isnan(nan[0])
 
 
-def test_no_kept_anchor_at_all_gives_zero_loss_and_gradient() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_no_kept_anchor_at_all_gives_zero_loss_and_gradient(path: str) -> None:
     b, s = 2, 3
     inputs = _isolated_problem(isolated=list(range(b * s * s)), b=b, s=s)
-    loss, gz, gzl = _value_and_grads(hidden_positive_loss, inputs, num_images=b, tau=0.8, lam=1.0, rho=0.0)
+    loss, gz, gzl = _value_and_grads(
+        hidden_positive_loss, inputs, num_images=b, tau=0.8, lam=1.0, rho=0.0, path=path
+    )
     assert loss.item() == 0.0 and not gz.any() and not gzl.any()
 
 
-def test_rho_zero_equals_explicit_empty_keep_and_formula() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_rho_zero_equals_explicit_empty_keep_and_formula(path: str) -> None:
     inputs = _problem(3, 4, 8, 8, 8, seed=11)
     n = 48
-    kwargs = dict(num_images=3, tau=0.6, lam=0.4)
+    kwargs = dict(num_images=3, tau=0.6, lam=0.4, path=path)
     drawn = _value_and_grads(hidden_positive_loss, inputs, rho=0.0, **kwargs)
     explicit = torch.zeros(n, n, dtype=torch.bool)
     _assert_parity(drawn, _value_and_grads(hidden_positive_loss, inputs, negative_keep=explicit, **kwargs))
-    _assert_parity(drawn, _value_and_grads(_formula_loss, inputs, keep=explicit, **kwargs))
+    formula_kwargs = {k: v for k, v in kwargs.items() if k != "path"}
+    _assert_parity(drawn, _value_and_grads(_formula_loss, inputs, keep=explicit, **formula_kwargs))
 
 
-def test_random_negative_keep() -> None:
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_random_negative_keep(path: str) -> None:
     inputs = _problem(3, 4, 8, 8, 8, seed=12)
     n = 48
-    kwargs = dict(num_images=3, tau=0.6, lam=0.4)
+    kwargs = dict(num_images=3, tau=0.6, lam=0.4, path=path)
 
     def drawn(rho: float, seed: int | None, chunk: int = 2) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -321,11 +356,14 @@ def test_random_negative_keep() -> None:
     every = torch.ones(n, n, dtype=torch.bool)
     all_kept = _value_and_grads(hidden_positive_loss, inputs, negative_keep=every, **kwargs)
     _assert_parity(drawn(1.0, None), all_kept)  # rho = 1: keep everything, no draw
-    # the draw is Bernoulli(rho) per (anchor, candidate): compare with an explicit matrix
+    # the draw: index sets image by image, whatever the chunking; compare with the explicit matrix
     gen = torch.Generator().manual_seed(9)
-    rows = [torch.empty(16 * c, n, dtype=torch.bool).bernoulli_(0.3, generator=gen) for c in (2, 1)]
-    explicit = _value_and_grads(hidden_positive_loss, inputs, negative_keep=torch.cat(rows), **kwargs)
-    _assert_parity(drawn(0.3, 9, chunk=2), explicit)
+    keep = torch.zeros(n * n, dtype=torch.bool)
+    for image in range(3):
+        keep[draw_negative_keys(16 * image, 16, n, 0.3, generator=gen) + 16 * image * n] = True
+    explicit = _value_and_grads(hidden_positive_loss, inputs, negative_keep=keep.view(n, n), **kwargs)
+    for chunk in (1, 2, 3):
+        _assert_parity(drawn(0.3, 9, chunk=chunk), explicit)
 
 
 def _sparse_unit(rows: int, width: int, gen: torch.Generator) -> torch.Tensor:
@@ -388,6 +426,208 @@ def test_enclosing_autocast_does_not_lower_precision(load_golden: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# sparse path == dense path; negatives as index sets; path and chunk choice; statistics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("b", "s", "p", "rho", "lam", "reweight", "explicit", "chunks"),
+    [
+        (4, 5, 16, 0.02, 0.0, True, False, (1, 3)),
+        (4, 5, 16, 0.1, 0.7, False, False, (2, 4)),
+        (3, 6, 8, 0.3, 1.3, True, True, (1, 2)),
+        (5, 3, 64, 0.0, 0.5, False, True, (5,)),
+        (2, 7, 4, 0.05, 0.25, True, False, (1,)),
+    ],
+)
+def test_sparse_equals_dense(
+    b: int, s: int, p: int, rho: float, lam: float, reweight: bool, explicit: bool, chunks: tuple[int, ...]
+) -> None:
+    """Values and both gradients, drawn (same generator) or explicit negatives, several chunks."""
+    inputs = _problem(b, s, 16, 12, p, seed=b * 10 + s)
+    n = b * s * s
+    kwargs: dict[str, Any] = dict(num_images=b, tau=0.6, lam=lam, reweight=reweight, rho=rho)
+    if explicit:
+        kwargs["negative_keep"] = torch.rand(n, n, generator=torch.Generator().manual_seed(4)) < rho
+    want = _value_and_grads(
+        hidden_positive_loss,
+        inputs,
+        path="dense",
+        chunk_images=1,
+        generator=torch.Generator().manual_seed(8),
+        **kwargs,
+    )
+    assert all(bool(torch.isfinite(t).all()) for t in want) and want[1].abs().sum() > 0
+    for chunk in chunks:
+        got = _value_and_grads(
+            hidden_positive_loss,
+            inputs,
+            path="sparse",
+            chunk_images=chunk,
+            generator=torch.Generator().manual_seed(8),
+            **kwargs,
+        )
+        _assert_parity(got, want)
+
+
+def test_sparse_transposed_logits_equal_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidate-by-candidate sampled product and the column-blocked product (used for large
+    N) give the same loss and gradients."""
+    import hpseg.hidden_positives.sparse as sparse
+
+    inputs = _problem(3, 5, 16, 12, 16, seed=9)
+    kwargs: dict[str, Any] = dict(num_images=3, tau=0.6, lam=0.5, rho=0.2)
+    want = _value_and_grads(hidden_positive_loss, inputs, path="dense", generator=torch.Generator(), **kwargs)
+    monkeypatch.setattr(sparse, "_GATHER_CACHE_BYTES", 0)
+    monkeypatch.setattr(sparse, "_SPMM_BLOCK_BYTES", 64 * 16 * 4)  # column blocks of 64 candidates
+    got = _value_and_grads(hidden_positive_loss, inputs, path="sparse", generator=torch.Generator(), **kwargs)
+    _assert_parity(got, want)
+
+
+@pytest.mark.parametrize(("n", "width", "p", "tile"), [(150, 12, 16, 7), (200, 5, 3, 64), (64, 8, 256, 200)])
+def test_positive_pair_keys_equal_dense_masks(n: int, width: int, p: int, tile: int) -> None:
+    """Screened upper-triangle keys == the dense masks (rare, common and near-empty positives;
+    widths not a multiple of the screening block)."""
+    gen = torch.Generator().manual_seed(n)
+    centres = _unit(3, width, gen=gen)
+    x = F.normalize(
+        centres[torch.randint(3, (n,), generator=gen)] + 0.7 * torch.randn(n, width, generator=gen), dim=1
+    )
+    r = pool_thresholds(x, _unit(p, width, gen=gen))
+    dense = positive_masks(x, x, r, r, slice(0, n), with_specific=False).agnostic
+    keys = positive_pair_keys(x, r, tile_rows=tile)
+    assert keys is not None and 0 < keys.numel() < n * n
+    assert torch.equal(keys, dense.reshape(-1).nonzero().view(-1))
+    assert positive_pair_keys(x, r, tile_rows=tile, max_pairs=keys.numel() // 4) is None
+    # the block screening (used off CPU) finds the same entries as NumPy (used on CPU)
+    margin = torch.full((n, -(-n // 64) * 64), float("-inf"))
+    margin[:, :n] = threshold_margin(x @ x.t(), r, r)
+    for screen in (False, True):
+        rr, cc = _positive_entries(margin, screen=screen)
+        assert torch.equal(rr * n + cc, (margin[:, :n] > 0).reshape(-1).nonzero().view(-1))
+
+
+def test_negative_draw_is_bernoulli_per_pair() -> None:
+    n, rows, first, rho = 500, 200, 150, 0.05
+    keys = draw_negative_keys(first, rows, n, rho, generator=torch.Generator().manual_seed(0))
+    assert keys.dtype == torch.int64 and bool((keys[1:] > keys[:-1]).all())  # sorted, no duplicates
+    r, c = keys // n, keys % n
+    assert not bool((c == r + first).any())  # the anchor itself is never drawn
+    assert 0 <= int(c.min()) and int(c.max()) < n and int(r.max()) < rows
+    trials = rows * (n - 1)
+    sd = (trials * rho * (1 - rho)) ** 0.5
+    assert abs(keys.numel() - trials * rho) < 5 * sd  # mean count per row ≈ rho·(N − 1)
+    per_row = torch.bincount(r, minlength=rows).float()
+    assert abs(float(per_row.var()) / (rho * (1 - rho) * (n - 1)) - 1) < 0.35  # binomial spread
+    # columns roughly uniform: chi-square over 10 column bins, 9 degrees of freedom
+    observed = torch.bincount(c * 10 // n, minlength=10).float()
+    expected = keys.numel() / 10
+    assert float(((observed - expected) ** 2 / expected).sum()) < 30.0
+    # gaps between successes in the row-major trial sequence are geometric: P(adjacent) ≈ rho
+    assert torch.equal(
+        keys, draw_negative_keys(first, rows, n, rho, generator=torch.Generator().manual_seed(0))
+    )
+    assert draw_negative_keys(0, rows, n, 0.0).numel() == 0
+    everything = draw_negative_keys(3, 2, 6, 1.0)
+    assert everything.tolist() == [j for j in range(6) if j != 3] + [6 + j for j in range(6) if j != 4]
+
+
+def _module_stats(inputs: dict[str, torch.Tensor], b: int, lam: float = 0.5, **kwargs: Any) -> dict[str, Any]:
+    module = HiddenPositiveLoss(0.7, kwargs.pop("rho", 0.02), **kwargs)
+    rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
+    loss = module(*rest, num_images=b, lam=lam, generator=torch.Generator().manual_seed(1))
+    assert loss.dim() == 0 and bool(torch.isfinite(loss))
+    return module.stats
+
+
+def test_automatic_path_choice() -> None:
+    inputs = _problem(3, 4, 8, 8, 64, seed=2)
+    assert _module_stats(inputs, 3, rho=1.0)["path"] == "dense"  # every negative kept
+    assert _module_stats(inputs, 3, rho=0.02)["path"] == "sparse"
+    assert _module_stats(inputs, 3, rho=0.02, path="dense")["path"] == "dense"
+    # positives everywhere (a pool far from every patch): sparse would be slower, dense is used
+    crowded = dict(inputs, pool_agnostic=-inputs["feats"][:1], pool_specific=-inputs["code_ema"][:1])
+    stats = _module_stats(crowded, 3, rho=0.02)
+    assert stats["path"] == "dense" and stats["positives_per_anchor"] > 0.5 * 47
+
+
+def test_statistics_match_the_masks() -> None:
+    b, s = 3, 5
+    inputs = _isolated_problem(isolated=[2, 30], b=b, s=s, seed=4)
+    n = b * s * s
+    r_ag = pool_thresholds(inputs["feats"], inputs["pool_agnostic"])
+    r_sp = pool_thresholds(inputs["code_ema"], inputs["pool_specific"])
+    keep = torch.rand(n, n, generator=torch.Generator().manual_seed(2)) < 0.1
+    masks = positive_masks(inputs["feats"], inputs["code_ema"], r_ag, r_sp, slice(0, n), keep=keep)
+    assert masks.specific is not None
+    for path in ("dense", "sparse"):
+        module = HiddenPositiveLoss(0.7, 0.1, path=path, chunk_images=2)
+        rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
+        module(*rest, num_images=b, lam=0.5, negative_keep=keep)
+        st = module.stats
+        assert st["path"] == path and st["chunk_images"] == 2
+        assert st["positives_per_anchor"] == pytest.approx(float(masks.agnostic.sum()) / n)
+        assert st["specific_per_anchor"] == pytest.approx(float(masks.specific.sum()) / n)
+        assert st["kept_anchor_fraction"] == pytest.approx(float(masks.kept.sum()) / n)
+        assert st["kept_anchor_fraction"] <= (n - 2) / n  # the isolated patches are dropped
+        assert st["denominator_fraction"] == pytest.approx(float(masks.denominator.sum()) / n / n)
+        assert all(isinstance(v, (float, int, str)) for v in st.values())
+        module(*rest, num_images=b, lam=0.0, negative_keep=keep)
+        assert module.stats["specific_per_anchor"] == 0.0
+
+
+def test_memory_budget_sets_the_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    n, per_image, b = 50_176, 784, 64
+    for path, pairs in (("dense", 0.0), ("sparse", 1100.0)):
+        previous = 0
+        for gib in (0.05, 0.5, 1.0, 4.0, 1e3):
+            budget = gib * 2**30
+            chunk = chunk_images_for_budget(
+                path, num_images=b, per_image=per_image, n=n, memory_bytes=budget, pairs_per_row=pairs
+            )
+            assert 1 <= chunk <= b and chunk >= previous
+            per_row = n * DENSE_BYTES_PER_ENTRY if path == "dense" else n + pairs * BYTES_PER_PAIR
+            if chunk > 1:  # several images only when they fit; one more would not
+                assert chunk * per_image * per_row <= budget
+            if chunk < b:
+                assert (chunk + 1) * per_image * per_row > budget
+            previous = chunk
+        assert previous == b
+    # the loss uses it (and logs its choice once); chunk_images given overrides the budget
+    inputs = _problem(6, 6, 8, 8, 8, seed=21)
+    caplog.set_level(logging.INFO, logger="hpseg.hidden_positives.budget")
+    small = _module_stats(inputs, 6, path="dense", memory_gb=36 * 216 * 20 * 2.5 / 2**30)
+    assert small["chunk_images"] == 2
+    _module_stats(inputs, 6, path="dense", memory_gb=36 * 216 * 20 * 2.5 / 2**30)
+    assert sum("anchor chunk of 2 of 6 images" in rec.getMessage() for rec in caplog.records) == 1
+    assert _module_stats(inputs, 6, path="dense", memory_gb=1.0)["chunk_images"] == 6
+    assert _module_stats(inputs, 6, path="dense", memory_gb=1e-9, chunk_images=4)["chunk_images"] == 4
+    assert _module_stats(inputs, 6, path="sparse", memory_gb=1e-9)["chunk_images"] == 1
+
+
+def test_sparse_path_memory_stays_below_a_dense_block() -> None:
+    """With a small budget the sparse path holds no (chunk·S², N) float block and no N×N matrix.
+
+    (The batch-wide positive lists take ``8·N²·2/P`` bytes, below one image's block when
+    ``P > 4B``: here unclustered features, P = 32 > 4·6.)"""
+    b, s, p = 6, 6, 32
+    n, per_image = b * s * s, s * s
+    gen = torch.Generator().manual_seed(5)
+    rest = [_unit(n, 16, gen=gen), _unit(n, 8, gen=gen), _unit(p, 16, gen=gen), _unit(p, 8, gen=gen)]
+    inputs = {"z": _unit(n, 8, gen=gen), "z_lhp": _unit(n, 8, gen=gen)}
+    z = inputs["z"].clone().requires_grad_(True)
+    z_lhp = inputs["z_lhp"].clone().requires_grad_(True)
+    tracker = _LargestTensor()
+    with tracker:
+        loss = hidden_positive_loss(
+            z, z_lhp, *rest, num_images=b, tau=0.8, lam=0.5, rho=0.05, path="sparse", memory_gb=1e-4
+        )
+        loss.backward()
+    assert tracker.largest < 4 * per_image * n  # less than one image's float32 block
+    assert bool(torch.isfinite(z.grad).all()) and z.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------
 # bounded memory
 # ------------------------------------------------------------------------------------------
 
@@ -402,7 +642,7 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:  # sparse: its parts count
                 self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 
@@ -425,7 +665,7 @@ def test_memory_grows_with_chunk_not_with_n_squared() -> None:
         tracker = _LargestTensor()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
             loss = hidden_positive_loss(
-                z, z_lhp, *rest, num_images=b, tau=0.8, lam=0.5, rho=0.5, chunk_images=chunk
+                z, z_lhp, *rest, num_images=b, tau=0.8, lam=0.5, rho=0.3, chunk_images=chunk, path="dense"
             )
             loss.backward()
         largest[chunk], saved[chunk] = tracker.largest, sum(packed)
@@ -462,6 +702,14 @@ def test_invalid_inputs_raise_hpseg_error() -> None:
         hidden_positive_loss(*args, num_images=2, rho=1.5, **kw)
     with pytest.raises(HPSegError, match="lam"):
         hidden_positive_loss(*args, num_images=2, tau=0.8, lam=-1.0)
+    with pytest.raises(HPSegError, match="path"):
+        hidden_positive_loss(*args, num_images=2, path="fast", **kw)
+    with pytest.raises(HPSegError, match="memory_gb"):
+        hidden_positive_loss(*args, num_images=2, memory_gb=0.0, **kw)
+    with pytest.raises(HPSegError, match="path"):
+        HiddenPositiveLoss(0.8, 0.02, path="fast")
+    with pytest.raises(HPSegError, match="num_images"):
+        HiddenPositiveLoss(0.8, 0.02)(*args, num_images=4, lam=0.5)
     with pytest.raises(HPSegError, match="code"):
         local_propagation(torch.randn(2, 3, 11, 11), torch.randn(2, 4, 3, 3))
 

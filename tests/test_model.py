@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.backbones import BackboneArch, backbone_from_arch, build_backbone
-from hpseg.errors import HPSegError
 from hpseg.checkpoint import convert_authors_checkpoint, load_model, save_checkpoint
+from hpseg.errors import HPSegError
 from hpseg.model import HPModel, ModelSpec
 
 

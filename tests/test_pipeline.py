@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from hpseg.config import build_config
 from hpseg.checkpoint import load_model
+from hpseg.config import build_config
 from hpseg.pipeline import evaluate_path, run_training
 
 TINY = [

@@ -17,8 +17,8 @@ from PIL import Image
 from hpseg.cli import main
 from hpseg.errors import HPSegError
 from hpseg.evaluate import EvalOutput, write_results
-from hpseg.results import HeadScore, Protocol, Results
 from hpseg.report import write_report
+from hpseg.results import HeadScore, Protocol, Results
 
 CLASSES = ["sky", "<b>tree & bush</b>", "road"]  # markup in a name must come out as text
 N_GALLERY = 2

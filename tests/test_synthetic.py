@@ -28,6 +28,25 @@ def test_same_seed_same_scene_and_splits_differ():
     assert not torch.equal(a[0]["img"], SyntheticScenes("train", "eval", 48, n_images=3, seed=2)[0]["img"])
 
 
+
+def test_dev_split_is_its_own_stream():
+    """``dev`` (for choosing settings) shares no scene with ``val`` (for reporting) or ``train``."""
+    from hpseg.data.synthetic import SPLITS
+
+    assert {"train", "val", "dev", "pretrain"} <= set(SPLITS)
+    n = 6
+    dev = SyntheticScenes("dev", "eval", 48, n_images=n, seed=0)
+    others = [SyntheticScenes(split, "eval", 48, n_images=n, seed=0) for split in ("val", "train", "pretrain")]
+    for i in range(n):
+        for other in others:
+            for j in range(n):
+                assert not torch.equal(dev[i]["img"], other[j]["img"])
+    again = SyntheticScenes("dev", "eval", 48, n_images=n, seed=0, cache=False)
+    assert torch.equal(dev[3]["img"], again[3]["img"]) and torch.equal(dev[3]["label"], again[3]["label"])
+    assert dev.name(2) == "dev-00002"
+    ds = build_dataset("synthetic", None, "dev", mode="eval", resolution=24, n_images=2, n_classes=5)
+    assert len(ds) == 2
+
 def test_render_scene_is_a_function_of_the_generator():
     x1, y1 = render_scene(np.random.default_rng(7), 40, 6)
     x2, y2 = render_scene(np.random.default_rng(7), 40, 6)

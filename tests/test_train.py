@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from hpseg.config import build_config
-from hpseg.errors import HPSegError
 from hpseg.checkpoint import load_model
+from hpseg.config import build_config
 from hpseg.data.sampler import EpochSampler, SeededItems
+from hpseg.errors import HPSegError
 from hpseg.pipeline import evaluate_path, train_one
 from hpseg.train import probe_cross_entropy, selection_score
 

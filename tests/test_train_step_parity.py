@@ -23,7 +23,14 @@ from hpseg.config import TrainConfig
 from hpseg.hidden_positives import lambda_schedule, local_propagation
 from hpseg.model import HPModel
 from hpseg.runtime import Runtime
-from hpseg.train import HiddenPositiveLoss, HPObjective, Optimizers, ReferencePools, flatten_patches, train_step
+from hpseg.train import (
+    HiddenPositiveLoss,
+    HPObjective,
+    Optimizers,
+    ReferencePools,
+    flatten_patches,
+    train_step,
+)
 
 GOLDEN = "train_steps.pt"
 DEVICE = torch.device("cpu")

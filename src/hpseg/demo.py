@@ -22,7 +22,8 @@ from typing import Any
 
 from hpseg.checkpoint import load_model
 from hpseg.config import build_config
-from hpseg.evaluate import cluster_usage, evaluate_model, write_results
+from hpseg.diagnostics import cluster_usage
+from hpseg.evaluate import evaluate_model, write_results
 from hpseg.io import atomic_write_text
 from hpseg.pipeline import baseline_for, build_runtime, build_val_set, eval_loader, protocol_for, train_one
 from hpseg.report import write_report

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,13 @@ from hpseg.viz import colorize, confusion_figure, gallery_figure, save_figure, s
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalOutput", "cluster_usage", "evaluate_model", "kmeans", "kmeans_baseline", "write_results"]
+__all__ = [
+    "EvalOutput",
+    "evaluate_model",
+    "kmeans",
+    "kmeans_baseline",
+    "write_results",
+]
 
 #: temperature turning cluster cosine similarities into log-probabilities for the CRF (authors: 2)
 CLUSTER_ALPHA = 2.0
@@ -52,17 +57,6 @@ class EvalOutput:
     gallery: list[dict[str, np.ndarray]] = field(default_factory=list)  # image / label / prediction maps
     cluster_pixels: list[int] = field(default_factory=list)  # pixels predicted per cluster
     cluster_examples: list[list[np.ndarray]] = field(default_factory=list)  # thumbnails per cluster
-
-
-def cluster_usage(pixels: list[int] | np.ndarray) -> dict[str, float | int]:
-    """``cluster_entropy`` (of the cluster sizes, normalised to [0, 1]: 1 = all equally used)
-    and ``empty_clusters`` (clusters that took no pixel)."""
-    counts = np.asarray(pixels, dtype=np.float64)
-    k, total = len(counts), counts.sum()
-    if total <= 0 or k < 2:
-        return {"cluster_entropy": 0.0, "empty_clusters": int((counts == 0).sum())}
-    p = counts[counts > 0] / total
-    return {"cluster_entropy": float(-(p * np.log(p)).sum() / math.log(k)), "empty_clusters": int((counts == 0).sum())}
 
 
 class _ClusterExamples:

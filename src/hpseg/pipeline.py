@@ -32,8 +32,14 @@ from hpseg.config import (
     run_dir,
 )
 from hpseg.data import build_dataset
+from hpseg.diagnostics import cluster_usage, hidden_positive_diagnostics
 from hpseg.errors import HPSegError
-from hpseg.evaluate import EvalOutput, cluster_usage, evaluate_model, kmeans_baseline, patch_sample
+from hpseg.evaluate import (
+    EvalOutput,
+    evaluate_model,
+    kmeans_baseline,
+    patch_sample,
+)
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
 from hpseg.results import Protocol, Results, aggregate_seeds
@@ -146,13 +152,20 @@ def _as_metrics(output: EvalOutput) -> dict[str, Any]:
 
 
 def make_validator(cfg: Config, val_set: Dataset, runtime: Runtime) -> Any:
-    """``validate(model, pools)``: the probes' metrics on the validation set (or, without
-    labels, the label-free numbers), with the hidden-positive diagnostics."""
+    """``validate(model, pools)``: the probes' metrics on the validation set (without labels:
+    none) and the hidden-positive diagnostics (:func:`hpseg.diagnostics.hidden_positive_diagnostics`,
+    on batches of the training size, as positives are mined in training)."""
     loader = eval_loader(val_set, cfg)
+    per_rank = max(2, cfg.train.batch_size // max(1, runtime.world_size))
+    batches = DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=cfg.data.num_workers)
     quiet = dataclasses.replace(runtime, progress=False)
 
     def validate(model: HPModel, pools: ReferencePools) -> dict[str, Any]:
-        return _as_metrics(evaluate_model(model, loader, quiet, matching=cfg.eval.matching))
+        metrics = _as_metrics(evaluate_model(model, loader, quiet, matching=cfg.eval.matching))
+        metrics["diagnostics"].update(hidden_positive_diagnostics(
+            model, batches, pools.agnostic, pools.specific, quiet, tau=cfg.loss.tau, sigma=cfg.loss.sigma,
+            seed=cfg.train.seed))
+        return metrics
 
     return validate
 

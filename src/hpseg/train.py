@@ -39,8 +39,8 @@ from hpseg.config import LossConfig, TrainConfig
 from hpseg.data.sampler import EpochSampler, SeededItems
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives import (
+    HiddenPositiveLoss,
     consistency_loss,
-    hidden_positive_loss,
     lambda_schedule,
     local_propagation,
     sample_pool_entries,
@@ -50,26 +50,6 @@ from hpseg.runtime import Runtime, eval_mode
 from hpseg.viz import save_figure, training_curve_figure
 
 log = logging.getLogger(__name__)
-
-try:  # TEMPORARY until the loss module lands in hpseg.hidden_positives
-    from hpseg.hidden_positives import HiddenPositiveLoss  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-
-    class HiddenPositiveLoss(nn.Module):  # type: ignore[no-redef]
-        def __init__(self, tau: float, rho: float, *, reweight: bool = True, memory_gb: float | None = None,
-                     chunk_images: int | None = None, path: str = "auto",
-                     matmul_dtype: torch.dtype | None = None) -> None:
-            super().__init__()
-            self.tau, self.rho, self.reweight, self.chunk = tau, rho, reweight, chunk_images or 8
-            self.matmul_dtype = matmul_dtype
-            self.stats: dict[str, Any] = {}
-
-        def forward(self, z: torch.Tensor, z_lhp: torch.Tensor, f: torch.Tensor, s: torch.Tensor,
-                    pa: torch.Tensor, ps: torch.Tensor, *, num_images: int, lam: float,
-                    negative_keep: torch.Tensor | None = None, generator: Any = None) -> torch.Tensor:
-            return hidden_positive_loss(z, z_lhp, f, s, pa, ps, num_images=num_images, tau=self.tau, lam=lam,
-                                        rho=self.rho, negative_keep=negative_keep, reweight=self.reweight,
-                                        chunk_images=self.chunk, matmul_dtype=self.matmul_dtype)
 
 __all__ = [
     "HPObjective",

@@ -7,8 +7,14 @@ checks, dots, rings, grain, smooth gradients) and by layout priors, **not by col
 region draws its two colours from the same distribution, whatever its class, so a pixel's
 colour says nothing about its class. A backbone must see texture to separate them.
 
-The scene of ``(seed, split, index)`` is always the same; ``train``, ``val`` and ``pretrain``
-(used by ``scripts/pretrain_demo_backbone.py``) draw from disjoint seed streams.
+The scene of ``(seed, split, index)`` is always the same. The splits draw from disjoint seed
+streams (``numpy.random.default_rng([seed, crc32(split) & 0xFFFF, index])``):
+
+* ``train`` — the scenes HP trains on (labels used only by the probes);
+* ``val`` — the held-out scenes every reported figure comes from; never used to choose settings;
+* ``dev`` — a second held-out stream for *choosing* settings (demo hyper-parameters, backbone
+  recipes), so that ``val`` stays untouched by selection (``data.val_split=dev``);
+* ``pretrain`` — the stream ``scripts/pretrain_demo_backbone.py`` pretrains the demo backbone on.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ CLASS_NAMES = [
     "vertical stripes",
     "rings",
 ]
-SPLITS = ("train", "val", "pretrain")
+SPLITS = ("train", "val", "dev", "pretrain")
 _MAX_CACHED = 8192
 
 
@@ -137,7 +143,8 @@ class SyntheticScenes(SegmentationDataset):
     """Procedural scenes with exact labels (see the module docstring).
 
     Args:
-        split: ``"train"``, ``"val"`` or ``"pretrain"`` (disjoint scene streams).
+        split: ``"train"``, ``"val"``, ``"dev"`` or ``"pretrain"`` (disjoint scene streams; ``dev``
+            is for choosing settings, ``val`` for reporting).
         mode: ``"train"`` (adds the photometric ``img_aug`` view) or ``"eval"``.
         resolution: output side in pixels.
         n_images: number of scenes in the split.

@@ -6,11 +6,17 @@ ordered image by image, row-major inside an image), ``F`` backbone width, ``D`` 
 
 * :mod:`~hpseg.hidden_positives.pools` — pool entries and per-patch thresholds (§3);
 * :mod:`~hpseg.hidden_positives.masks` — task-agnostic / task-specific positives (§4);
-* :mod:`~hpseg.hidden_positives.loss` — the GHP + LHP contrastive loss and the λ schedule (§5);
+* :mod:`~hpseg.hidden_positives.loss` — the GHP + LHP contrastive loss (:class:`HiddenPositiveLoss`,
+  :func:`hidden_positive_loss`) and the λ schedule (§5);
+* :mod:`~hpseg.hidden_positives.budget` — per batch: memory budget, anchor chunk, dense or sparse path;
+* :mod:`~hpseg.hidden_positives.dense` — the dense path: ``(M, N)`` masks, logits and products;
+* :mod:`~hpseg.hidden_positives.sparse` — the sparse path: negatives as index sets, kept pairs,
+  sampled products;
 * :mod:`~hpseg.hidden_positives.local` — LHP attention-weighted 3×3 propagation (§6);
 * :mod:`~hpseg.hidden_positives.consistency` — the photometric consistency loss (§7).
 """
 
+from hpseg.hidden_positives.budget import chunk_images_for_budget, default_memory_gb
 from hpseg.hidden_positives.consistency import consistency_loss
 from hpseg.hidden_positives.local import (
     LHP_QUANTILES,
@@ -21,18 +27,26 @@ from hpseg.hidden_positives.local import (
 from hpseg.hidden_positives.loss import (
     BASE_TEMPERATURE,
     DEFAULT_CHUNK_IMAGES,
+    PATHS,
+    HiddenPositiveLoss,
     hidden_positive_loss,
     lambda_schedule,
 )
-from hpseg.hidden_positives.masks import PositiveMasks, positive_masks
+from hpseg.hidden_positives.masks import PositiveMasks, positive_masks, positive_pair_keys
 from hpseg.hidden_positives.pools import pool_thresholds, sample_pool, sample_pool_entries
+from hpseg.hidden_positives.sparse import draw_negative_keys
 
 __all__ = [
     "BASE_TEMPERATURE",
     "DEFAULT_CHUNK_IMAGES",
     "LHP_QUANTILES",
+    "PATHS",
+    "HiddenPositiveLoss",
     "PositiveMasks",
+    "chunk_images_for_budget",
     "consistency_loss",
+    "default_memory_gb",
+    "draw_negative_keys",
     "hidden_positive_loss",
     "lambda_schedule",
     "local_propagation",
@@ -40,6 +54,7 @@ __all__ = [
     "neighbourhood_mask",
     "pool_thresholds",
     "positive_masks",
+    "positive_pair_keys",
     "sample_pool",
     "sample_pool_entries",
 ]

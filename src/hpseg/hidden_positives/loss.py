@@ -5,35 +5,55 @@ per-image term ``mean_i(mean_pos[i]·pnm[i])`` over the ``K`` kept anchors of an
 ``Σ_i Σ_j w_ij·log_p[i,j] / Σ_i W_i`` (reweighting on) or ``(1/K) Σ_i Σ_j w_ij·log_p[i,j] / W_i``
 (off): every kept anchor gets a coefficient ``c_i`` and the loss is linear in the per-anchor
 sums ``Σ_j w_ij·log_p[i,j]``. Their gradient with respect to ``logit[i,j]`` is
-``w_ij − W_i·softmax_den(i)_j``, so the exact gradient of a chunk is available while its
-``(chunk·S², N)`` similarity block is in memory. :class:`_HiddenPositiveLoss` accumulates it
-there and keeps only ``(N, D)`` gradients for the backward pass: no ``N×N`` matrix is ever
-retained by autograd and nothing is recomputed. Anchors that are dropped (no task-agnostic
-positive) never enter a logarithm, so neither values nor gradients can become NaN, even with
-``rho = 0`` or an image without any kept anchor (that image contributes 0).
+``c_i·(w_ij − W_i·softmax_den(i)_j)``, so the exact gradient of a chunk of anchors is available
+while the chunk is being evaluated. :class:`_HiddenPositiveLoss` accumulates it there and keeps
+only ``(N, D)`` gradients for the backward pass: no ``N×N`` matrix is ever retained by autograd
+and nothing is recomputed. Anchors that are dropped (no task-agnostic positive) never enter a
+logarithm, so neither values nor gradients can become NaN, even with ``rho = 0`` or an image
+without any kept anchor (that image contributes 0).
+
+Two paths evaluate the same sums (:data:`PATHS`):
+
+* ``"dense"`` — per chunk, ``(M, N)`` boolean masks (:func:`~.masks.positive_masks`) and dense
+  logits, softmax and gradient products (:func:`~.dense.dense_contrastive_chunk`): eight ``(M × N)``
+  products per chunk, the reference the tests compare with;
+* ``"sparse"`` — the positives of the batch as pair lists (:func:`~.masks.positive_pair_keys`:
+  the two mask products, over the upper triangle only), the kept negatives drawn as index sets
+  (:func:`~.sparse.draw_negative_keys`), then per chunk the logits, log-sum-exps, weighted sums
+  and both gradient products on the kept pairs alone (:mod:`~.sparse`). ``w`` and the softmax
+  terms live on ``A ∪ T ∪ keep``, about ``ρ + 2/P`` of the pairs, so that is where the work goes.
+
+``"auto"`` picks the sparse path on CPU while the kept negatives are sparse (ρ ≤
+:data:`~.budget.SPARSE_MAX_KEEP_DENSITY`) and falls back to the dense one when the positives turn out not
+to be rare; on CUDA it picks the dense path (float16 tensor-core products; the sparse path runs
+there too but has not been measured on a GPU). Anchor chunks are sized from a memory budget
+(:mod:`~.budget`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from hpseg.errors import HPSegError
-from hpseg.hidden_positives.masks import PositiveMasks, _similarity, positive_masks
+from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
+from hpseg.hidden_positives.dense import dense_contrastive_chunk, dense_keep
+from hpseg.hidden_positives.masks import positive_masks
 from hpseg.hidden_positives.pools import default_matmul_dtype, pool_thresholds
+from hpseg.hidden_positives.sparse import chunk_pairs, negative_keys, slice_keys, sparse_contrastive_chunk
 
 log = logging.getLogger(__name__)
 
 #: The loss is scaled by ``tau / BASE_TEMPERATURE`` (SupCon convention kept by the authors).
 BASE_TEMPERATURE = 0.07
-#: Images per anchor chunk: 8 images at S=28 hold (6272, N) blocks, ~1.3 GB each in float32 at N=50,176.
+#: Former fixed anchor chunk (images); now chosen from ``memory_gb`` unless ``chunk_images`` is given.
 DEFAULT_CHUNK_IMAGES = 8
-
 
 def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
     """Weight λ of task-specific positives at training iteration ``it`` (docs/method.md §5).
@@ -49,6 +69,11 @@ def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
     return (it - warmup) / (max_iters - warmup)
 
 
+# ------------------------------------------------------------------------------------------
+# the per-chunk sums
+# ------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _LossOptions:
     num_images: int
@@ -56,35 +81,29 @@ class _LossOptions:
     lam: float
     rho: float
     reweight: bool
-    chunk_images: int
+    chunk_images: int | None
+    memory_bytes: float
+    path: str
     matmul_dtype: torch.dtype
     generator: torch.Generator | None
     need_grad: tuple[bool, bool]
-
-
-def _draw_keep(
-    m: int, n: int, rho: float, device: torch.device, generator: torch.Generator | None
-) -> torch.Tensor | None:
-    """Bernoulli(rho) negatives ``(m, n)`` bool; ``None`` means "keep all" (rho ≥ 1)."""
-    if rho >= 1.0:
-        return None
-    if rho <= 0.0:
-        return torch.zeros(m, n, dtype=torch.bool, device=device)
-    gen_device = generator.device if generator is not None else device
-    keep = torch.empty(m, n, dtype=torch.bool, device=gen_device).bernoulli_(rho, generator=generator)
-    return keep.to(device)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _anchor_coefficients(
-    masks: PositiveMasks, weight_sum: torch.Tensor, images: int, reweight: bool
+    kept: torch.Tensor, weight_sum: torch.Tensor, images: int, reweight: bool
 ) -> torch.Tensor:
     """``c_i`` such that an image's term is ``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` ``(M,)``.
 
     Reweighting on: ``c_i = 1/Σ_k W_k`` over the kept anchors ``k`` of i's image (this is
     ``mean_i(mean_pos·pnm)`` with ``pnm_i = W_i / mean_k W_k``); off: ``c_i = 1/(K·W_i)``.
     Dropped anchors get 0, and so does every anchor of an image without a kept one.
+
+    Args:
+        kept: ``(M,)`` bool, anchors with at least one task-agnostic positive.
+        weight_sum: ``W`` ``(M,)`` float32. images: images in the chunk (``M = images·S²``).
     """
-    kept = masks.kept.view(images, -1)
+    kept = kept.view(images, -1)
     w = torch.where(kept, weight_sum.view(images, -1), torch.zeros_like(weight_sum.view(images, -1)))
     if reweight:
         total = w.sum(dim=1, keepdim=True)  # (images, 1)
@@ -95,59 +114,73 @@ def _anchor_coefficients(
     return coef.reshape(-1)
 
 
-def _contrastive_chunk(
-    e: torch.Tensor,
-    rows: slice,
-    masks: PositiveMasks,
-    weights: torch.Tensor,
-    weight_sum: torch.Tensor,
-    coef: torch.Tensor,
-    tau: float,
-    dtype: torch.dtype,
-    grad: torch.Tensor | None,
-    grad_scale: float,
-) -> torch.Tensor:
-    """``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` for the anchors ``rows`` of embeddings ``e`` (docs/method.md §5).
+@dataclass
+class _Batch:
+    """The per-batch tensors every chunk reads (detached, float32) and the gradient accumulators."""
 
-    When ``grad`` ``(N, D)`` is given, adds ``grad_scale ×`` the gradient of that sum w.r.t. ``e``
-    to it. Works on one ``(M, N)`` float32 block (plus the products' dtype copies).
+    embeddings: tuple[torch.Tensor, torch.Tensor]  # z, z_lhp (N, D)
+    grads: list[torch.Tensor | None]  # their gradients (N, D), or None where not needed
+    f: torch.Tensor  # backbone features (N, F)
+    s: torch.Tensor  # EMA codes (N, D')
+    thresholds: tuple[torch.Tensor, torch.Tensor]  # r_agnostic, r_specific (N,)
+    negative_keep: torch.Tensor | None
+    per_image: int
+    scale: float  # −(τ/0.07)/(2B): the images' mean over both branches
 
-    Args:
-        e: L2-normalised embeddings ``(N, D)`` float32 (``z`` or ``z_lhp``).
-        rows: anchor slice (``M`` rows).
-        masks: the chunk's :class:`PositiveMasks` (denominator and kept anchors are used).
-        weights: ``w = A + λT`` ``(M, N)`` float32.
-        weight_sum: ``W = Σ_j w_ij`` ``(M,)``.
-        coef: anchor coefficients ``c`` ``(M,)`` (0 for dropped anchors).
-        tau: temperature. dtype: dtype of the similarity product.
-        grad: ``(N, D)`` float32 accumulator, or ``None`` for the value only.
-    """
-    anchors = e[rows]
-    scaled = _similarity(anchors / tau, e, dtype)  # (M, N) e_i·e_j/τ
-    row_max = scaled.amax(dim=1, keepdim=True).float()  # over all N candidates, a constant
-    logits = torch.sub(scaled, row_max)  # float32 (M, N); the max cancels in log_p
-    del scaled
-    # Σ_j w_ij·logit_ij as batched row dot products (no (M, N) temporary)
-    weighted_logit = torch.bmm(weights.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-    p = logits.exp_()  # in place: the logits are no longer needed
-    p.mul_(masks.denominator)  # exp over the denominator set only
-    sum_exp = p.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    kept = masks.kept
-    zero = torch.zeros_like(sum_exp)
-    lse = torch.where(kept, sum_exp.log(), zero)  # dropped anchors never enter a logarithm
-    total = (coef * (weighted_logit - weight_sum * lse)).sum()
-    if grad is not None:
-        # ∂/∂logit_ij = c_i·(w_ij − W_i·p_ij/Σ_den p);  ∂logit_ij = (e_i·∂e_j + ∂e_i·e_j)/τ
-        c = (coef * (grad_scale / tau)).unsqueeze(1)
-        ratio = torch.where(kept, weight_sum / sum_exp, zero).unsqueeze(1)
-        g = p.mul_(-ratio * c).addcmul_(weights, c)  # (M, N), in place of p
-        grad_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
-        with torch.autocast(e.device.type, enabled=False):
-            g_low = g.to(grad_dtype)
-            del g, p
-            grad[rows] += (g_low @ e.to(grad_dtype)).float()
-            grad += (g_low.t() @ anchors.to(grad_dtype)).float()
-    return total
+    @property
+    def n(self) -> int:
+        return self.f.shape[0]
+
+
+def _sparse_chunk(
+    batch: _Batch, plan: LossPlan, rows: slice, images: int, opt: _LossOptions
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sparse path: the chunk's contribution to the loss, its counts ``(A, T, kept, |den|)`` and pairs."""
+    n, m = batch.n, rows.stop - rows.start
+    a_c = slice_keys(plan.agnostic_keys, rows, n)
+    t_c = slice_keys(plan.specific_keys, rows, n)
+    assert a_c is not None
+    count_a = torch.bincount(a_c.div(n, rounding_mode="floor"), minlength=m).to(torch.float32)
+    count_t = torch.zeros_like(count_a)
+    if t_c is not None:
+        count_t = torch.bincount(t_c.div(n, rounding_mode="floor"), minlength=m).to(torch.float32)
+    weight_sum = count_a + opt.lam * count_t
+    kept = count_a > 0
+    coef = _anchor_coefficients(kept, weight_sum, images, opt.reweight)
+    negatives = negative_keys(rows, batch.per_image, n, rho=opt.rho, generator=opt.generator,
+                              negative_keep=batch.negative_keep, device=count_a.device)
+    pairs = chunk_pairs(a_c, t_c, negatives, kept, m, n, opt.lam)
+    total = sum(
+        sparse_contrastive_chunk(e, rows, pairs, weight_sum, coef, kept, opt.tau, grad, batch.scale)
+        for e, grad in zip(batch.embeddings, batch.grads)
+    )
+    counts = torch.stack([count_a.sum(), count_t.sum(), kept.sum(), count_a.new_tensor(pairs.denominator_size)])
+    return torch.as_tensor(total), counts.double(), pairs.count
+
+
+def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense path: the chunk's contribution to the loss and its counts ``(A, T, kept, |den|)``."""
+    keep = dense_keep(rows, batch.per_image, batch.n, rho=opt.rho, generator=opt.generator,
+                      negative_keep=batch.negative_keep, device=batch.f.device)
+    r_ag, r_sp = batch.thresholds
+    masks = positive_masks(batch.f, batch.s, r_ag, r_sp, rows, keep=keep, with_specific=opt.lam != 0.0,
+                           matmul_dtype=opt.matmul_dtype)
+    del keep
+    weights = masks.agnostic.to(torch.float32)
+    count_a = weights.sum(dim=1)
+    count_t = torch.zeros_like(count_a)
+    if masks.specific is not None:
+        weights.add_(masks.specific, alpha=opt.lam)
+        count_t = masks.specific.sum(dim=1).to(torch.float32)
+    weight_sum = count_a + opt.lam * count_t
+    coef = _anchor_coefficients(masks.kept, weight_sum, images, opt.reweight)
+    total = sum(
+        dense_contrastive_chunk(e, rows, masks, weights, weight_sum, coef, opt.tau, opt.matmul_dtype, grad,
+                                batch.scale)
+        for e, grad in zip(batch.embeddings, batch.grads)
+    )
+    counts = torch.stack([count_a.sum(), count_t.sum(), masks.kept.sum(), masks.denominator.sum()])
+    return torch.as_tensor(total), counts.double()
 
 
 class _HiddenPositiveLoss(torch.autograd.Function):
@@ -165,51 +198,57 @@ class _HiddenPositiveLoss(torch.autograd.Function):
         negative_keep: torch.Tensor | None,
         opt: _LossOptions,
     ) -> torch.Tensor:
-        n = z.shape[0]
-        per_image = n // opt.num_images
-        dtype = opt.matmul_dtype
+        n, dtype, with_specific = z.shape[0], opt.matmul_dtype, opt.lam != 0.0
         embeddings = (z.detach().float(), z_lhp.detach().float())
-        grads = [torch.zeros_like(x) if need else None for x, need in zip(embeddings, opt.need_grad)]
-        f = feats.detach().float()
-        s = code_ema.detach().float()
+        f, s = feats.detach().float(), code_ema.detach().float()
         r_ag = pool_thresholds(f, pool_agnostic.detach(), matmul_dtype=dtype)
-        with_specific = opt.lam != 0.0
         r_sp = pool_thresholds(s, pool_specific.detach(), matmul_dtype=dtype) if with_specific else r_ag
-        # loss = −(τ/0.07)/2 · mean over images of the per-image terms, for z and z_lhp
-        scale = -(opt.tau / BASE_TEMPERATURE) / (2.0 * opt.num_images)
+        batch = _Batch(
+            embeddings=embeddings,
+            grads=[torch.zeros_like(x) if need else None for x, need in zip(embeddings, opt.need_grad)],
+            f=f, s=s, thresholds=(r_ag, r_sp), negative_keep=negative_keep, per_image=n // opt.num_images,
+            # loss = −(τ/0.07)/2 · mean over images of the per-image terms, for z and z_lhp
+            scale=-(opt.tau / BASE_TEMPERATURE) / (2.0 * opt.num_images),
+        )
+        plan = plan_batch(opt.path, f, s, (r_ag, r_sp), negative_keep, num_images=opt.num_images, rho=opt.rho,
+                          with_specific=with_specific, memory_bytes=opt.memory_bytes,
+                          chunk_images=opt.chunk_images, matmul_dtype=dtype)
         total = torch.zeros((), dtype=torch.float32, device=z.device)
-        for first in range(0, opt.num_images, opt.chunk_images):
-            images = min(opt.chunk_images, opt.num_images - first)
-            rows = slice(first * per_image, (first + images) * per_image)
-            m = rows.stop - rows.start
-            keep: torch.Tensor | None
-            if negative_keep is not None:
-                keep = negative_keep[rows]
+        counts = torch.zeros(4, dtype=torch.float64, device=z.device)  # A, T, kept, |den|
+        kept_pairs = 0
+        for first in range(0, opt.num_images, plan.chunk_images):
+            images = min(plan.chunk_images, opt.num_images - first)
+            rows = slice(first * batch.per_image, (first + images) * batch.per_image)
+            if plan.path == "sparse":
+                part, part_counts, pairs = _sparse_chunk(batch, plan, rows, images, opt)
+                kept_pairs += pairs
             else:
-                keep = _draw_keep(m, n, opt.rho, z.device, opt.generator)
-            masks = positive_masks(
-                f, s, r_ag, r_sp, rows, keep=keep, with_specific=with_specific, matmul_dtype=dtype
-            )
-            del keep
-            weights = masks.agnostic.to(torch.float32)
-            weight_sum = masks.agnostic.sum(dim=1).to(torch.float32)
-            if masks.specific is not None:
-                weights.add_(masks.specific, alpha=opt.lam)
-                weight_sum += opt.lam * masks.specific.sum(dim=1).to(torch.float32)
-            coef = _anchor_coefficients(masks, weight_sum, images, opt.reweight)
-            for e, grad in zip(embeddings, grads):
-                total += _contrastive_chunk(
-                    e, rows, masks, weights, weight_sum, coef, opt.tau, dtype, grad, scale
-                )
-            del masks, weights
-        ctx.save_for_backward(*(g.to(x.dtype) if g is not None else None for g, x in zip(grads, (z, z_lhp))))
-        return (total * scale).to(z.dtype)
+                part, part_counts = _dense_chunk(batch, rows, images, opt)
+            total += part
+            counts += part_counts
+        a_total, t_total, kept_total, den_total = counts.tolist()
+        opt.stats.update(
+            positives_per_anchor=a_total / n,
+            specific_per_anchor=t_total / n,
+            kept_anchor_fraction=kept_total / n,
+            denominator_fraction=den_total / n / n,
+            pair_fraction=kept_pairs / n / n if plan.path == "sparse" else float("nan"),
+            path=plan.path,
+            chunk_images=plan.chunk_images,
+        )
+        ctx.save_for_backward(*(g.to(x.dtype) if g is not None else None for g, x in zip(batch.grads, (z, z_lhp))))
+        return (total * batch.scale).to(z.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_z, grad_z_lhp = (None if g is None else grad_output * g for g in ctx.saved_tensors)
         return grad_z, grad_z_lhp, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# validation, functional form and module
+# ------------------------------------------------------------------------------------------
 
 
 def _check_loss_inputs(
@@ -224,8 +263,11 @@ def _check_loss_inputs(
     tau: float,
     lam: float,
     rho: float,
-    chunk_images: int,
+    chunk_images: int | None,
+    memory_gb: float | None,
+    path: str,
 ) -> None:
+    """Every check of the loss's inputs (the functional form and the module both call this)."""
     named = {
         "z": z,
         "z_lhp": z_lhp,
@@ -274,8 +316,15 @@ def _check_loss_inputs(
             f"hidden_positive_loss: N={n} rows are not divisible into num_images={num_images} images; "
             "pass num_images = batch size (N = num_images·S²)"
         )
-    if chunk_images < 1:
+    if chunk_images is not None and chunk_images < 1:
         raise HPSegError(f"hidden_positive_loss: chunk_images must be ≥ 1, got {chunk_images}")
+    if memory_gb is not None and not (memory_gb > 0 and math.isfinite(memory_gb)):
+        raise HPSegError(
+            f"hidden_positive_loss: memory_gb must be a positive number of GiB, got {memory_gb}; "
+            "or None for the device's default"
+        )
+    if path not in PATHS:
+        raise HPSegError(f"hidden_positive_loss: path must be one of {', '.join(PATHS)}, got {path!r}")
     if not (tau > 0 and math.isfinite(tau)):
         raise HPSegError(f"hidden_positive_loss: tau must be a positive number, got {tau}")
     if not (lam >= 0 and math.isfinite(lam)):
@@ -297,6 +346,55 @@ def _check_loss_inputs(
             )
 
 
+def _hidden_positive_loss(
+    z: torch.Tensor,
+    z_lhp: torch.Tensor,
+    feats: torch.Tensor,
+    code_ema: torch.Tensor,
+    pool_agnostic: torch.Tensor,
+    pool_specific: torch.Tensor,
+    *,
+    num_images: int,
+    tau: float,
+    lam: float,
+    rho: float,
+    negative_keep: torch.Tensor | None,
+    reweight: bool,
+    chunk_images: int | None,
+    memory_gb: float | None,
+    path: str,
+    generator: torch.Generator | None,
+    matmul_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The loss and its batch statistics (see :class:`HiddenPositiveLoss`); the one implementation."""
+    _check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
+                       lam, rho, chunk_images, memory_gb, path)
+    budget_gb = memory_gb if memory_gb is not None else default_memory_gb(z.device)
+    opt = _LossOptions(
+        num_images=num_images,
+        tau=float(tau),
+        lam=float(lam),
+        rho=float(rho),
+        reweight=bool(reweight),
+        chunk_images=None if chunk_images is None else int(chunk_images),
+        memory_bytes=float(budget_gb) * 2**30,
+        path=path,
+        matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
+        generator=generator,
+        need_grad=(
+            torch.is_grad_enabled() and z.requires_grad,
+            torch.is_grad_enabled() and z_lhp.requires_grad,
+        ),
+    )
+    # an enclosing autocast region must not lower the precision of our float32 reductions: the
+    # products' dtype is chosen explicitly above
+    with torch.autocast(z.device.type, enabled=False):
+        out = _HiddenPositiveLoss.apply(
+            z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, opt
+        )
+    return out, dict(opt.stats)
+
+
 def hidden_positive_loss(
     z: torch.Tensor,
     z_lhp: torch.Tensor,
@@ -311,11 +409,15 @@ def hidden_positive_loss(
     rho: float = 1.0,
     negative_keep: torch.Tensor | None = None,
     reweight: bool = True,
-    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    chunk_images: int | None = None,
+    memory_gb: float | None = None,
+    path: str = "auto",
     generator: torch.Generator | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The Hidden Positives contrastive loss, GHP + LHP (docs/method.md §4–5), ``(L(z) + L(z_lhp))/2``.
+
+    Functional form of :class:`HiddenPositiveLoss` (same computation, without the statistics).
 
     For ``e ∈ {z, z_lhp}``, anchors ``i`` and candidates ``j ≠ i`` over the whole batch:
     ``log_p[i,j] = e_i·e_j/τ − log Σ_{j∈den(i)} exp(e_i·e_j/τ)``, ``den(i) = A_i | keep_i``,
@@ -332,50 +434,113 @@ def hidden_positive_loss(
         pool_agnostic: task-agnostic pool ``(P, F)``; pool_specific: task-specific pool ``(P', D')``.
         num_images: images in the batch (B).
         tau: temperature τ. lam: weight λ of task-specific positives (see :func:`lambda_schedule`).
-        rho: probability that a non-positive candidate is kept in the denominator.
+        rho: probability that a non-positive candidate is kept in the denominator (i.i.d. per
+            anchor–candidate pair, drawn as index sets image by image).
         negative_keep: explicit ``(N, N)`` bool keep matrix replacing the Bernoulli(rho) draw.
         reweight: the authors' ``pnm`` reweighting of anchors.
-        chunk_images: images whose anchors are processed together; peak memory is a few
-            ``(chunk_images·S², N)`` matrices (never ``N×N``), the result does not depend on it.
-        generator: random generator for the Bernoulli draw (drawn chunk by chunk).
+        chunk_images: images whose anchors are processed together; ``None`` (default) chooses it
+            from ``memory_gb``. The result does not depend on it.
+        memory_gb: budget of the loss's working set in GiB; ``None``: :func:`default_memory_gb`.
+        path: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (module docstring); the result
+            does not depend on it.
+        generator: random generator for the negatives.
         matmul_dtype: dtype of the similarity products; default float16 on CUDA (the
-            authors' autocast; gradient products then use bfloat16), float32 elsewhere.
+            authors' autocast; dense gradient products then use bfloat16), float32 elsewhere.
 
     Returns:
         Scalar loss. Differentiable w.r.t. ``z`` and ``z_lhp`` (first order only).
     """
-    _check_loss_inputs(
-        z,
-        z_lhp,
-        feats,
-        code_ema,
-        pool_agnostic,
-        pool_specific,
-        negative_keep,
-        num_images,
-        tau,
-        lam,
-        rho,
-        chunk_images,
+    loss, _ = _hidden_positive_loss(
+        z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=tau, lam=lam, rho=rho,
+        negative_keep=negative_keep, reweight=reweight, chunk_images=chunk_images, memory_gb=memory_gb, path=path,
+        generator=generator, matmul_dtype=matmul_dtype,
     )
-    opt = _LossOptions(
-        num_images=num_images,
-        tau=float(tau),
-        lam=float(lam),
-        rho=float(rho),
-        reweight=bool(reweight),
-        chunk_images=min(chunk_images, num_images),
-        matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
-        generator=generator,
-        need_grad=(
-            torch.is_grad_enabled() and z.requires_grad,
-            torch.is_grad_enabled() and z_lhp.requires_grad,
-        ),
-    )
-    # an enclosing autocast region must not lower the precision of our float32 reductions: the
-    # products' dtype is chosen explicitly above
-    with torch.autocast(z.device.type, enabled=False):
-        out = _HiddenPositiveLoss.apply(
-            z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, opt
+    return loss
+
+
+class HiddenPositiveLoss(nn.Module):
+    """The Hidden Positives contrastive loss (GHP + LHP, docs/method.md §4–5) as a module.
+
+    ``loss = HiddenPositiveLoss(tau=0.8, rho=0.02)(z, z_lhp, f, s, pool_ag, pool_sp,
+    num_images=B, lam=λ)``; afterwards :attr:`stats` describes that batch.
+
+    Args:
+        tau: temperature τ. rho: keep probability of a negative in the denominator.
+        reweight: the authors' ``pnm`` anchor reweighting.
+        memory_gb: budget of the loss's working set in GiB (``None``: a fraction of the free
+            CUDA memory on a GPU, :data:`DEFAULT_CPU_MEMORY_GB` on CPU); sets the anchor chunk.
+        chunk_images: explicit anchor chunk in images; overrides ``memory_gb``.
+        path: ``"auto"``, ``"dense"`` or ``"sparse"`` (see :mod:`~hpseg.hidden_positives.loss`).
+        matmul_dtype: dtype of the similarity products (default float16 on CUDA, float32 elsewhere).
+
+    Attributes:
+        stats: after each forward, plain Python values about the batch:
+            ``positives_per_anchor`` (mean number of task-agnostic positives per anchor),
+            ``specific_per_anchor`` (task-specific ones; 0 when λ = 0),
+            ``kept_anchor_fraction`` (anchors with at least one task-agnostic positive),
+            ``denominator_fraction`` (mean ``|den(i)| / N``), ``pair_fraction`` (pairs evaluated
+            by the sparse path per ``N²``; NaN on the dense path), ``path`` (``"dense"`` or
+            ``"sparse"``) and ``chunk_images``.
+    """
+
+    def __init__(
+        self,
+        tau: float,
+        rho: float,
+        *,
+        reweight: bool = True,
+        memory_gb: float | None = None,
+        chunk_images: int | None = None,
+        path: str = "auto",
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if path not in PATHS:
+            raise HPSegError(f"HiddenPositiveLoss: path must be one of {', '.join(PATHS)}, got {path!r}")
+        self.tau = float(tau)
+        self.rho = float(rho)
+        self.reweight = bool(reweight)
+        self.memory_gb = memory_gb
+        self.chunk_images = chunk_images
+        self.path = path
+        self.matmul_dtype = matmul_dtype
+        self.stats: dict[str, Any] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau={self.tau}, rho={self.rho}, reweight={self.reweight}, memory_gb={self.memory_gb}, "
+            f"chunk_images={self.chunk_images}, path={self.path!r}"
         )
-    return out  # type: ignore[no-any-return]
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        z_lhp: torch.Tensor,
+        feats: torch.Tensor,
+        code_ema: torch.Tensor,
+        pool_agnostic: torch.Tensor,
+        pool_specific: torch.Tensor,
+        *,
+        num_images: int,
+        lam: float,
+        negative_keep: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The scalar loss ``(L(z) + L(z_lhp)) / 2``.
+
+        Args:
+            z: projected, L2-normalised codes ``(N, D)``, ``N = num_images·S²``, image by image.
+            z_lhp: the LHP-propagated codes through the same projection ``(N, D)``.
+            feats: L2-normalised backbone features ``f`` ``(N, F)`` (no gradient).
+            code_ema: L2-normalised EMA-head codes ``s`` ``(N, D')`` (no gradient).
+            pool_agnostic: ``(P, F)``; pool_specific: ``(P', D')`` reference pools.
+            num_images: images in the batch. lam: weight λ of task-specific positives.
+            negative_keep: explicit ``(N, N)`` bool keep matrix (parity checks).
+            generator: random generator for the negatives.
+        """
+        loss, self.stats = _hidden_positive_loss(
+            z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=self.tau, lam=lam,
+            rho=self.rho, negative_keep=negative_keep, reweight=self.reweight, chunk_images=self.chunk_images,
+            memory_gb=self.memory_gb, path=self.path, generator=generator, matmul_dtype=self.matmul_dtype,
+        )
+        return loss
