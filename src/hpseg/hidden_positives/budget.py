@@ -178,7 +178,7 @@ def plan_batch(
 
 
 def _log_choice_once(path: str, chunk: int, num_images: int, n: int, device: torch.device, how: str) -> None:
-    key = (path, chunk, num_images, n, device.type)
+    key = (path, chunk, num_images, n, device.type, how)
     if key not in _logged_choices:
         _logged_choices.add(key)
         log.info("hidden-positive loss: %s path, anchor chunk of %d of %d images (N=%d, %s)",
