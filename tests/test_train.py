@@ -142,3 +142,17 @@ def test_training_is_deterministic(tiny_cfg, tmp_path):
     sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_dense_and_sparse_loss_paths_train_alike(tiny_cfg, tmp_path):
+    """`loss.path` changes only how the loss is evaluated: both paths end with the same weights."""
+    states = {}
+    for path in ("dense", "sparse"):
+        cfg = tiny_cfg("train.max_iters=2", "loss.rho=0.3", f"loss.path={path}", f"train.out_dir={tmp_path / path}")
+        train_one(cfg, tmp_path / path)
+        logged = [json.loads(line) for line in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
+        assert {r["train_path"] for r in logged if "train_path" in r} == {path}  # the option reached the loss
+        states[path] = torch.load(tmp_path / path / "last.pt", weights_only=True)["model"]
+    assert states["dense"].keys() == states["sparse"].keys()
+    for k, dense in states["dense"].items():
+        torch.testing.assert_close(states["sparse"][k], dense, rtol=1e-4, atol=1e-5, msg=k)

@@ -445,7 +445,7 @@ def fit(
 
     model.to(runtime.device)
     hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
-                                 chunk_images=loss.chunk_images, matmul_dtype=runtime.matmul_dtype)
+                                 chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype)
     objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
     step_module: nn.Module = objective
     if runtime.world_size > 1:  # the objective's modules hold no buffers: buffer syncing is a no-op
