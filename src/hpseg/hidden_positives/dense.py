@@ -88,7 +88,6 @@ def dense_keep(
         return None
     m = rows.stop - rows.start
     keep = torch.zeros(m * n, dtype=torch.bool, device=device)
-    for first in range(rows.start, rows.stop, per_image):  # image by image: one image's keys at a time
-        image = slice(first, first + per_image)
-        keep[negative_keys(image, per_image, n, rho=rho, generator=generator, negative_keep=None, device=device) + (first - rows.start) * n] = True
+    # the sparse path's draw (image by image), so both paths see the same negatives
+    keep[negative_keys(rows, per_image, n, rho=rho, generator=generator, negative_keep=None, device=device)] = True
     return keep.view(m, n)
