@@ -2,6 +2,16 @@
 
 The one place that defines the ImageNet statistics every DINO-family backbone expects and the
 image file types hpseg reads. Everything here is plain conversion; nothing depends on a model.
+
+Every reader (datasets, the segmenter, ``hpseg segment``) decodes through :func:`open_rgb` /
+:func:`as_rgb`, so an image means the same RGB pixels everywhere:
+
+* the EXIF orientation is applied (a phone photo stored sideways is read upright);
+* 16-bit greyscale (PIL modes ``I;16*``, and ``I``, taken as 16-bit) is scaled to 8 bits
+  (``round(v / 257)``), not clipped at 255;
+* transparency (``RGBA``, ``LA``, ``PA``, palette images with a transparent colour) is
+  composited over **white** (:data:`ALPHA_BACKGROUND`), for files and ``(H, W, 4)`` arrays alike;
+* palette, CMYK (JPEG, Adobe-inverted or not), 1-bit and other modes convert to RGB as PIL does.
 """
 
 from __future__ import annotations
@@ -22,9 +32,12 @@ from hpseg.errors import HPSegError, UnreadableFileError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "as_rgb",
+    "check_image_file",
     "collect_inputs",
     "denormalize",
     "find_images",
@@ -42,8 +55,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: file extensions read as images (lower case)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
+#: the colour transparent pixels are composited over (RGB, uint8): white
+ALPHA_BACKGROUND = (255, 255, 255)
+
 # errors PIL and numpy raise for damaged files (truncated data, bad headers, ...)
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+# PIL modes of 16-bit (or wider) single-channel images, scaled to 8 bits by 1/257
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +89,39 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     return (denormalize(images.detach().float().cpu()).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _over_background(rgba: np.ndarray) -> np.ndarray:
+    """``(H, W, 4)`` uint8 RGBA → ``(H, W, 3)`` uint8 RGB composited over :data:`ALPHA_BACKGROUND`."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    background = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
+    out = rgba[..., :3].astype(np.float32) * alpha + background * (1.0 - alpha)
+    return np.asarray(out.round().clip(0, 255), dtype=np.uint8)
+
+
+def as_rgb(image: Any) -> Any:
+    """A PIL image of any mode as an RGB PIL image (the rules in the module docstring; the
+    EXIF orientation is applied by :func:`open_rgb`, which knows the image came from a file)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _WIDE_GREY:
+        wide = np.asarray(image).astype(np.float32)
+        grey = np.asarray((wide / 257.0).round().clip(0, 255), dtype=np.uint8)
+        return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2)))
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        return Image.fromarray(_over_background(np.asarray(image.convert("RGBA"))))
+    return image.convert("RGB")
+
+
 def open_rgb(path: str | os.PathLike[str]) -> Any:
-    """Decode an image file fully into an RGB PIL image.
+    """Decode an image file fully into an RGB PIL image, upright (EXIF orientation applied) and
+    converted by :func:`as_rgb`. The one decoder of image files in hpseg.
 
     Raises:
         UnreadableFileError: the file is missing, truncated or not an image (names the file).
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     path = Path(path)
     if not path.is_file():
@@ -84,9 +129,36 @@ def open_rgb(path: str | os.PathLike[str]) -> Any:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            upright = ImageOps.exif_transpose(im) or im
+            rgb = as_rgb(upright)
+            return rgb.copy() if rgb is im else rgb  # the file's own image is closed on leaving
     except (*_READ_ERRORS, Image.DecompressionBombError) as err:
         raise UnreadableFileError.for_file(path, f"{type(err).__name__}: {err}") from err
+
+
+def check_image_file(path: str | os.PathLike[str]) -> str | None:
+    """Why an image file cannot be read, or None when it decodes: a cheap but complete check.
+
+    JPEGs are decoded at 1/8 scale (every compressed byte is still read, so truncation and
+    corruption show), PNGs have every chunk's checksum verified, other formats are decoded fully.
+    """
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        return "file not found"
+    try:
+        with Image.open(p) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                im.load()
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+    except (*_READ_ERRORS, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def read_image_tensor(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -107,9 +179,10 @@ def _unit_range(t: torch.Tensor) -> torch.Tensor:
 def to_image_tensor(image: Any) -> torch.Tensor:
     """Any supported image as an RGB float tensor ``(3, H, W)`` in [0, 1] on the CPU.
 
-    Accepts a PIL image (any mode; converted to RGB), a numpy array ``(H, W, 3)`` / ``(H, W, 4)``
-    (alpha dropped) / ``(H, W)`` (grey) of uint8 or floats in [0, 1], a tensor ``(3, H, W)``
-    (float in [0, 1] or uint8), or a path to an image file.
+    Accepts a PIL image (any mode; converted by :func:`as_rgb`), a numpy array ``(H, W, 3)`` /
+    ``(H, W, 4)`` (composited over :data:`ALPHA_BACKGROUND`) / ``(H, W)`` (grey) of uint8,
+    uint16 (16-bit range) or floats in [0, 1], a tensor ``(3, H, W)`` (float in [0, 1] or
+    uint8), or a path to an image file (:func:`open_rgb`).
 
     Raises:
         HPSegError: unsupported type or shape.
@@ -119,15 +192,20 @@ def to_image_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         return read_image_tensor(image)
     if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        arr = np.asarray(as_rgb(image), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
     if isinstance(image, np.ndarray):
         arr = image
+        if arr.dtype == np.uint16:
+            arr = np.asarray((arr.astype(np.float32) / 257.0).round(), dtype=np.uint8)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
             raise HPSegError(f"numpy images must be (H, W, 3) RGB, got shape {arr.shape}: convert to RGB first")
-        arr = np.array(arr[..., :3], copy=True)  # also makes read-only arrays (np.asarray(pil)) safe
+        if arr.shape[2] == 4:
+            arr = _over_background(arr if arr.dtype == np.uint8 else (_unit_range(
+                torch.from_numpy(arr.astype(np.float32))).numpy() * 255.0).round().astype(np.uint8))
+        arr = np.array(arr, copy=True)  # also makes read-only arrays (np.asarray(pil)) safe
         t = torch.from_numpy(arr).permute(2, 0, 1)
         return t.float().div_(255.0) if arr.dtype == np.uint8 else _unit_range(t.float())
     if isinstance(image, torch.Tensor):

@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from hpseg.errors import HPSegError
-from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD, as_rgb
 
 MODES = ("train", "eval")
 
@@ -97,9 +97,10 @@ class SegmentationTransform:
         interpolation: ``"bilinear"`` | ``"bicubic"`` | ``"nearest"`` for the image.
         aug_on_normalized: augment after normalisation, like the authors' code.
 
-    ``__call__(image, label)`` takes a PIL image (any size; converted to RGB) and an ``(H, W)``
-    int label array (−1 = ignore) or None, and returns ``{"img": (3,R,R) float32, "label":
-    (R,R) int64[, "img_aug": (3,R,R) float32]}``; without labels ``label`` is all −1.
+    ``__call__(image, label)`` takes a PIL image (any size and mode; converted by
+    :func:`hpseg.imaging.as_rgb`) and an ``(H, W)`` int label array (−1 = ignore) or None, and
+    returns ``{"img": (3,R,R) float32, "label": (R,R) int64[, "img_aug": (3,R,R) float32]}``;
+    without labels ``label`` is all −1.
     """
 
     def __init__(
@@ -124,7 +125,7 @@ class SegmentationTransform:
         self.augment = photometric_augmentation() if mode == "train" else None
 
     def __call__(self, image: Image.Image, label: np.ndarray | None) -> dict[str, Any]:
-        img = F.to_image(image.convert("RGB") if image.mode != "RGB" else image)
+        img = F.to_image(as_rgb(image))
         mask = None if label is None else tv_tensors.Mask(torch.from_numpy(np.asarray(label, dtype=np.int64)))
         img, mask = resize_center_crop(img, mask, self.resolution, INTERPOLATIONS[self.interpolation])
         out: dict[str, Any] = {"img": normalize(img)}
