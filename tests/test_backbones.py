@@ -17,6 +17,7 @@ from hpseg import backbones
 from hpseg.backbones import (
     Backbone,
     BackboneArch,
+    TimmViT,
     backbone_from_arch,
     build_backbone,
     dino_interpolate_pos_embed,
@@ -301,7 +302,7 @@ def test_dino_pos_embed_rule_non_square_grid_and_identity() -> None:
 
 def test_register_tokens_are_removed_and_attention_matches_manual() -> None:
     vit = tiny_register_vit()
-    bb = Backbone(vit, "tiny_reg", dino_family=False)
+    bb = TimmViT(vit, "tiny_reg")
     assert bb.num_prefix_tokens == 5 and bb.num_registers == 4
     x = torch.randn(2, 3, 42, 70)  # 3×5 patches, stored grid 4×4: timm's dynamic resampling
     captured: dict[str, torch.Tensor] = {}

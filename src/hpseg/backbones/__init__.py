@@ -1,10 +1,13 @@
 """Frozen ViT backbones: DINO weights (official, training checkpoints, the authors' files),
-the shipped demo ViT, and other timm ViTs (docs/method.md §1).
+the shipped demo ViT, DINOv3 (timm or Meta's files) and other timm ViTs (docs/method.md §1).
 
-* :mod:`~hpseg.backbones.registry` — names with built-in weights;
-* :mod:`~hpseg.backbones.weights` — downloads, weight files and their layouts;
-* :mod:`~hpseg.backbones.vit` — the :class:`Backbone` module (features, attention logits,
-  DINO's position-embedding rule);
+* :mod:`~hpseg.backbones.contract` — what HP needs from a backbone (:class:`BackboneContract`);
+* :mod:`~hpseg.backbones.registry` — short names and where their weights come from;
+* :mod:`~hpseg.backbones.weights` — downloads, weight files and their layouts, offline errors;
+* :mod:`~hpseg.backbones.vit` — the :class:`Backbone` module shared by every family, the timm
+  ``VisionTransformer`` and DINO v1 adapters (DINO's position-embedding rule);
+* :mod:`~hpseg.backbones.eva` — the timm ``Eva`` adapter (DINOv3: RoPE, storage tokens);
+* :mod:`~hpseg.backbones.families` — the supported families, wrapping a timm model in one;
 * this module — :func:`build_backbone`, which puts them together.
 """
 
@@ -19,24 +22,30 @@ from typing import Any
 
 import torch
 
+from hpseg.backbones.contract import BackboneContract, BackboneOutput
+from hpseg.backbones.eva import TimmEva
+from hpseg.backbones.families import (
+    FAMILIES,
+    adapt,
+    backbone_from_arch,
+    convert_state_dict,
+    supported_families,
+    timm_model,
+)
 from hpseg.backbones.registry import (
     DEMO,
     DEMO_ASSET,
     DEMO_BACKBONE,
     DINO_BASE_URL,
     DINO_WEIGHTS,
+    DINOV3_WEIGHTS,
     available_backbones,
     is_timm_name,
+    resolve_timm_name,
 )
-from hpseg.backbones.vit import (
-    Backbone,
-    BackboneArch,
-    BackboneOutput,
-    backbone_from_arch,
-    dino_interpolate_pos_embed,
-    timm_model,
-)
+from hpseg.backbones.vit import Backbone, BackboneArch, DinoViT, TimmViT, dino_interpolate_pos_embed
 from hpseg.backbones.weights import (
+    cached_meta_file,
     check_timm_weights_reachable,
     demo_weights,
     download_dino,
@@ -50,15 +59,23 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_BACKBONE",
+    "DINOV3_WEIGHTS",
     "DINO_BASE_URL",
     "DINO_WEIGHTS",
+    "FAMILIES",
     "Backbone",
     "BackboneArch",
+    "BackboneContract",
     "BackboneOutput",
+    "DinoViT",
+    "TimmEva",
+    "TimmViT",
+    "adapt",
     "available_backbones",
     "backbone_from_arch",
     "build_backbone",
     "dino_interpolate_pos_embed",
+    "supported_families",
     "infer_dino_arch",
     "load_weights_file",
     "normalize_state_dict",
@@ -127,9 +144,17 @@ def _dino_backbone(
 def _timm_backbone(
     name: str, sd: Mapping[str, torch.Tensor] | None, source: str, pretrained: bool, kwargs: dict[str, Any]
 ) -> Backbone:
+    """A timm-built backbone: random, timm's pretrained weights, Meta's file in the torch hub
+    cache (DINOv3 short names), or ``sd`` in any layout timm converts."""
+    release = DINOV3_WEIGHTS.get(name)
+    if sd is None and pretrained and release is not None:
+        meta = cached_meta_file(release)
+        if meta is not None:
+            log.info("%s: using Meta's weights file %s", name, meta)
+            sd, source = load_weights_file(meta), str(meta)
     if sd is None:
         if pretrained:
-            check_timm_weights_reachable(name)
+            check_timm_weights_reachable(resolve_timm_name(name), release)
         try:
             vit = timm_model(name, pretrained=pretrained, **kwargs)
         except (OSError, urllib.error.URLError, http.client.HTTPException, RuntimeError) as exc:
@@ -139,13 +164,10 @@ def _timm_backbone(
                 f"cannot fetch the pretrained timm weights of {name} ({type(exc).__name__}: {exc}); "
                 "connect to the Hugging Face hub once (weights are cached), or pass weights=PATH"
             ) from exc
-        return Backbone(vit, name, dino_family=False)
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+        return adapt(vit, name)
     vit = timm_model(name, pretrained=False, **kwargs)
-    filtered = checkpoint_filter_fn(dict(sd), vit)
-    backbone = Backbone(vit, name, dino_family=False)
-    _load_strict(backbone, filtered, source)
+    backbone = adapt(vit, name)
+    _load_strict(backbone, convert_state_dict(sd, vit), source)
     return backbone
 
 
@@ -163,12 +185,15 @@ def build_backbone(
 
     Args:
         name: ``dino_vits8`` | ``dino_vits16`` | ``dino_vitb8`` | ``dino_vitb16`` (official DINO),
-            ``hpseg_demo_vit`` (shipped tiny ViT), any timm ViT name (e.g.
-            ``vit_small_patch14_reg4_dinov2``), or any name for a DINO-style ``state_dict``.
+            ``hpseg_demo_vit`` (shipped tiny ViT), a DINOv3 short name (``dinov3_vits16`` …,
+            :data:`DINOV3_WEIGHTS`), any timm model name of a supported family (e.g.
+            ``vit_small_patch14_reg4_dinov2``, ``vit_small_patch16_dinov3``), or any name for a
+            DINO-style ``state_dict``.
         weights: local weights file (plain/DINO-training/wrapped state dict, ``.safetensors``,
-            or the authors' ``ckpt.pth``); overrides the download.
+            the authors' ``ckpt.pth``, Meta's official DINOv2/DINOv3 files); overrides the download.
         pretrained: with no ``weights``/``state_dict``: load the official weights (download or
-            torch-hub cache; timm hub for timm names). False = random initialisation.
+            torch-hub cache; for DINOv3 short names Meta's file in the torch-hub cache first, then
+            the timm hub). False = random initialisation.
         img_size: position grid size (pixels) of randomly initialised DINO-family backbones.
         state_dict: raw weights (e.g. the ``model.*`` part of the authors' checkpoint); the
             architecture is read from it.
@@ -204,8 +229,8 @@ def build_backbone(
         return _timm_backbone(name, None, name, pretrained, timm_kwargs)
     else:
         raise HPSegError(
-            f"unknown backbone {name!r}: use one of {', '.join(available_backbones())} or a timm ViT name "
-            "(e.g. vit_small_patch14_dinov2)"
+            f"unknown backbone {name!r}: use one of {', '.join(available_backbones())} or a timm model name "
+            f"of a supported family ({supported_families()})"
         )
     if img_size % reg.patch_size:
         raise HPSegError(f"img_size {img_size} is not a multiple of the patch size {reg.patch_size}")

@@ -1,30 +1,42 @@
-"""The frozen ViT module: patch features and the last block's attention logits.
+"""The frozen ViT module shared by every family, and the timm ``VisionTransformer`` adapters.
 
-Every backbone is a timm :class:`~timm.models.vision_transformer.VisionTransformer` wrapped in
-:class:`Backbone`, which returns the final-norm patch features and the last block's
-pre-softmax attention logits (computed from that block's ``qkv`` projection, because timm's
-fused attention never materialises them; docs/method.md §1).
+:class:`Backbone` implements :class:`~hpseg.backbones.contract.BackboneContract`: it returns the
+final-norm patch features and the last block's pre-softmax attention logits (computed from
+that block's own query/key projection, because timm's fused attention never materialises them;
+docs/method.md §1). A family adapter is a subclass that says how its timm model assembles the
+tokens, runs a block and forms the last block's queries and keys:
 
-Position embeddings: DINO-family weights (``dino_*`` names, the authors' checkpoints, the demo
-ViT) are resampled with DINO's own rule (bicubic by *scale factor* ``(h + 0.1)/√N``), so that
-features match the authors' evaluation at other resolutions; other timm models use timm's
-``dynamic_img_size`` resampling.
+* :class:`TimmViT` — timm ``VisionTransformer`` (DINOv2, DINOv2 with registers, …), timm's
+  ``dynamic_img_size`` position resampling;
+* :class:`DinoViT` — DINO v1 weight files (``dino_*`` names, the authors' checkpoints, the demo
+  ViT) on a ``VisionTransformer``, with DINO's own position rule (bicubic by *scale factor*
+  ``(h + 0.1)/√N``), so that features match the authors' evaluation at other resolutions;
+* :class:`~hpseg.backbones.eva.TimmEva` (its own module) — timm ``Eva``: DINOv3 and other RoPE ViTs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpseg.backbones.contract import BackboneOutput
 from hpseg.errors import HPSegError
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Backbone", "BackboneArch", "BackboneOutput", "backbone_from_arch", "dino_interpolate_pos_embed"]
+__all__ = [
+    "Backbone",
+    "BackboneArch",
+    "BackboneOutput",
+    "DinoViT",
+    "TimmViT",
+    "dino_interpolate_pos_embed",
+    "model_statistics",
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,8 @@ class BackboneArch:
     """Everything needed to rebuild a backbone's modules without its weights file.
 
     ``dino_family`` backbones are built as a plain timm ``VisionTransformer`` from these fields
-    and use DINO's position-embedding rule; the others are ``timm.create_model(name, ...)``.
+    and use DINO's position-embedding rule; the others are ``timm.create_model(name, ...)``
+    (a short name such as ``dinov3_vits16`` resolves to its timm name first).
     """
 
     name: str
@@ -46,14 +59,6 @@ class BackboneArch:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     layer_scale: bool = False
-
-
-class BackboneOutput(NamedTuple):
-    """``feats`` (B, F, h, w): final-norm patch tokens; ``attn_logits`` (B, heads, 1+h·w, 1+h·w):
-    the last block's pre-softmax attention, CLS first, registers removed (None when skipped)."""
-
-    feats: torch.Tensor
-    attn_logits: torch.Tensor | None
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,68 +97,128 @@ def dino_interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch
 
 
 # ------------------------------------------------------------------------------------------
-# the module
+# the module: what every family shares
 # ------------------------------------------------------------------------------------------
 
 
+def _square_patch(name: str, patch_embed: Any) -> int:
+    ps = patch_embed.patch_size
+    ps = (ps, ps) if isinstance(ps, int) else tuple(ps)
+    if ps[0] != ps[1]:
+        raise HPSegError(f"backbone {name!r} has non-square patches {ps}; only square patches are supported")
+    return int(ps[0])
+
+
+def _mlp_ratio(block: Any, width: int) -> float:
+    mlp = block.mlp
+    fc1 = getattr(mlp, "fc1", None) or getattr(mlp, "fc1_g", None)
+    return float(fc1.out_features / width) if isinstance(fc1, nn.Linear) else 4.0
+
+
+def model_statistics(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB mean and std a timm model was trained with (its ``pretrained_cfg``; ImageNet's
+    when it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise HPSegError(f"backbone statistics mean={mean} std={std} are not RGB: HP needs a 3-channel backbone")
+    return mean, std
+
 
 class Backbone(nn.Module):
-    """A frozen ViT (always in eval mode, no trainable parameters).
+    """A frozen ViT (always in eval mode, no trainable parameters): the
+    :class:`~hpseg.backbones.contract.BackboneContract`, shared by every family.
+
+    A family adapter (a subclass) says how its timm model assembles the tokens, runs a block
+    and forms the last block's queries and keys; this class does the rest: input checks,
+    re-normalisation to the backbone's own statistics, the block loop, dropping prefix tokens,
+    and the grid constants' cache. ``family`` names the adapter, ``accepts(model)`` says
+    whether a timm model is one of its kind.
 
     Attributes:
         name: backbone name (registry, timm or custom).
         patch_size, embed_dim (F), num_heads, depth.
         num_prefix_tokens: CLS + register tokens; num_registers: register tokens only.
         pos_grid: the stored position grid ``(rows, cols)``.
+        mean, std: the backbone's own RGB statistics (see the contract).
         dino_family: True when DINO's position-embedding rule is used.
     """
 
-    vit: Any  # a timm VisionTransformer (typed loosely: timm's attributes are dynamic)
+    family: ClassVar[str] = ""
+    #: what the family covers, for the list of supported families in errors and docs
+    covers: ClassVar[str] = ""
+    dino_family: ClassVar[bool] = False
+    vit: Any  # the timm model (typed loosely: timm's attributes are dynamic)
 
-    def __init__(self, vit: nn.Module, name: str, *, dino_family: bool) -> None:
+    def __init__(self, vit: nn.Module, name: str) -> None:
         super().__init__()
         v: Any = vit
         if getattr(v, "cls_token", None) is None:
             raise HPSegError(f"backbone {name!r} has no CLS token: HP needs a ViT with a class token")
         blocks: Any = getattr(v, "blocks", None)
-        if blocks is None or len(blocks) == 0 or not hasattr(blocks[-1].attn, "qkv"):
-            raise HPSegError(f"backbone {name!r} is not a timm VisionTransformer with fused qkv attention")
+        if blocks is None or len(blocks) == 0:
+            raise HPSegError(f"backbone {name!r} has no transformer blocks: HP needs a ViT")
         self.vit = v
         self.name = name
-        self.dino_family = dino_family
-        pe: Any = v.patch_embed
-        ps = pe.patch_size
-        ps = (ps, ps) if isinstance(ps, int) else tuple(ps)
-        if ps[0] != ps[1]:
-            raise HPSegError(
-                f"backbone {name!r} has non-square patches {ps}; only square patches are supported"
-            )
-        self.patch_size = int(ps[0])
+        self.patch_size = _square_patch(name, v.patch_embed)
         self.embed_dim = int(v.embed_dim)
         self.depth = len(blocks)
         last = blocks[-1]
         self.num_heads = int(last.attn.num_heads)
         self.num_prefix_tokens = int(getattr(v, "num_prefix_tokens", 1))
-        self.num_registers = int(getattr(v, "num_reg_tokens", 0))
-        if dino_family:
-            if self.num_prefix_tokens != 1 or getattr(v, "no_embed_class", False) or v.pos_embed is None:
-                raise HPSegError(
-                    f"backbone {name!r}: DINO position embeddings need CLS-only, class-embedded positions"
-                )
-            side = math.isqrt(v.pos_embed.shape[1] - 1)
-            self.pos_grid: tuple[int, int] = (side, side)
-        else:
-            if not getattr(v, "dynamic_img_size", False):
-                raise HPSegError(f"backbone {name!r} must be created with dynamic_img_size=True")
-            gs = pe.grid_size
-            self.pos_grid = (int(gs[0]), int(gs[1]))
-        self.mlp_ratio = float(last.mlp.fc1.out_features / self.embed_dim)
-        self.qkv_bias = last.attn.qkv.bias is not None
-        self.layer_scale = not isinstance(getattr(last, "ls1", nn.Identity()), nn.Identity)
+        self.num_registers = int(getattr(v, "num_reg_tokens", 0) or 0)
+        reg = getattr(v, "reg_token", None)
+        if reg is not None:
+            self.num_registers = int(reg.shape[1])
+        self.pos_grid: tuple[int, int] = self._pos_grid()
+        mean, std = self._statistics()
+        self.mean: tuple[float, float, float] = (mean[0], mean[1], mean[2])
+        self.std: tuple[float, float, float] = (std[0], std[1], std[2])
+        self.mlp_ratio = _mlp_ratio(last, self.embed_dim)
+        attn = last.attn
+        qkv = getattr(attn, "qkv", None)
+        self.qkv_bias = (qkv is not None and qkv.bias is not None) or getattr(attn, "q_bias", None) is not None
+        self.layer_scale = not isinstance(getattr(last, "ls1", nn.Identity()), nn.Identity) or (
+            getattr(last, "gamma_1", None) is not None
+        )
+        self._set_renormalisation()
         for p in self.parameters():
             p.requires_grad_(False)
-        self._token_bases: dict[tuple[int, int], torch.Tensor] = {}
+        self._grid_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         super().train(False)
+
+    # -- the family's part ------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Whether ``model`` (a timm model) belongs to this family."""
+        return False
+
+    def _pos_grid(self) -> tuple[int, int]:
+        gs = self.vit.patch_embed.grid_size
+        return int(gs[0]), int(gs[1])
+
+    def _statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return model_statistics(self.vit)
+
+    def _grid_constants(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(1, prefix + h·w, F)`` token base and the grid's extra constant (RoPE table), uncached."""
+        raise NotImplementedError
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings ``(B, h·w, F)`` (no positions)."""
+        raise NotImplementedError
+
+    def _block(self, index: int, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """Block ``index`` on tokens ``x`` (B, T, F)."""
+        return self.vit.blocks[index](x)  # type: ignore[no-any-return]
+
+    def _queries_keys(
+        self, x: torch.Tensor, extra: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The last block's queries and keys ``(B, heads, T, d)`` on its input ``x``, exactly as
+        its attention forms them, and the logit scale."""
+        raise NotImplementedError
 
     # -- frozen -------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Backbone:
@@ -177,67 +242,73 @@ class Backbone(nn.Module):
             layer_scale=self.layer_scale,
         )
 
-    # -- forward ------------------------------------------------------------------------------
+    def _set_renormalisation(self) -> None:
+        """Buffers (not saved) that turn ImageNet-normalised input into the backbone's own
+        normalisation: ``x·scale + shift``; None when the statistics are ImageNet's."""
+        same = all(
+            math.isclose(a, b, abs_tol=1e-6)
+            for a, b in zip((*self.mean, *self.std), (*IMAGENET_MEAN, *IMAGENET_STD))
+        )
+        scale = shift = None
+        if not same:
+            m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            m, s = torch.tensor(self.mean), torch.tensor(self.std)
+            scale, shift = (s_in / s).view(1, 3, 1, 1), ((m_in - m) / s).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
+
+    # -- grid constants -------------------------------------------------------------------------
     def token_bases_clear(self) -> None:
-        """Forget the cached token bases (after the weights changed)."""
-        self._token_bases.clear()
+        """Forget the cached grid constants (after the weights changed)."""
+        self._grid_cache.clear()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Backbone:  # .to(), .half(), …
-        self._token_bases.clear()
+        self._grid_cache.clear()
         return super()._apply(fn, recurse)  # type: ignore[no-any-return]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._token_bases.clear()
+        self._grid_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
+    def grid_constants(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token base and extra constant of an ``h × w`` grid, cached (see :meth:`token_base`)."""
+        key = (int(h), int(w))  # ints even while tracing (shapes may be traced tensors)
+        cached = self._grid_cache.get(key)
+        if cached is None:
+            with torch.autocast(self.vit.cls_token.device.type, enabled=False):
+                base, extra = self._grid_constants(*key)
+            cached = (base.detach(), None if extra is None else extra.detach())
+            self._grid_cache[key] = cached
+        return cached
+
     def token_base(self, h: int, w: int) -> torch.Tensor:
         """``(1, prefix + h·w, F)``: the token sequence of an image whose patch embeddings are 0.
 
-        That is the prefix tokens (CLS, registers) and the position embeddings resampled for an
-        ``h × w`` grid — DINO's rule for DINO-family weights, timm's otherwise. Every forward
-        adds the patch embeddings to it, which equals each family's own token assembly
-        exactly (both add positions linearly). Cached per grid, so the resampling runs once
-        per size and an exported graph holds it as a constant.
+        That is the prefix tokens (CLS, registers) and the position embeddings of an ``h × w``
+        grid (each family's own rule). Every forward adds the patch embeddings to it, which
+        equals each family's own token assembly exactly (positions are added linearly). Cached
+        per grid with the family's other grid constants (RoPE tables), so resampling runs once
+        per size and an exported graph holds them as constants.
         """
-        key = (int(h), int(w))  # ints even while tracing (shapes may be traced tensors)
-        h, w = key
-        base = self._token_bases.get(key)
-        if base is None:
-            vit = self.vit
-            with torch.autocast(vit.cls_token.device.type, enabled=False):
-                if self.dino_family:
-                    zeros = vit.cls_token.new_zeros(1, h * w, self.embed_dim)
-                    base = torch.cat((vit.cls_token, zeros), dim=1) + dino_interpolate_pos_embed(vit.pos_embed, h, w)
-                else:
-                    base = vit._pos_embed(vit.cls_token.new_zeros(1, h, w, self.embed_dim))
-            base = base.detach()
-            self._token_bases[key] = base
-        return base
+        return self.grid_constants(h, w)[0]
 
+    # -- forward ------------------------------------------------------------------------------
     def _tokens(self, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Patch + prefix tokens with position embeddings, ``(B, T, F)``, before the blocks."""
-        vit = self.vit
-        pe = vit.patch_embed
-        if self.dino_family:
-            patches = pe.norm(pe.proj(images).flatten(2).transpose(1, 2))  # (B, h·w, F)
-        else:
-            patches = pe(images).flatten(1, 2)  # dynamic_img_size: (B, h, w, F) → (B, h·w, F)
+        patches = self._patches(images)
         prefix = patches.new_zeros(patches.shape[0], self.num_prefix_tokens, patches.shape[2])
         x = torch.cat((prefix, patches), dim=1) + self.token_base(h, w).to(patches.dtype)
-        x = vit.patch_drop(vit.pos_drop(x))
-        return vit.norm_pre(x)
+        return self.vit.norm_pre(x)  # type: ignore[no-any-return]  # position dropout and patch dropout: identities in eval mode  # type: ignore[no-any-return]
 
-    def attention_logits(self, block: Any, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax attention ``(q·kᵀ)·d^-0.5`` of ``block`` on its input tokens ``x`` (B, T, F).
+    def attention_logits(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-softmax attention ``(q·kᵀ)·d^-0.5`` of the last block on its input tokens ``x`` (B, T, F).
 
         Returns ``(B, heads, 1+h·w, 1+h·w)``: CLS first, register tokens dropped.
         """
-        attn = block.attn
-        b, t, _ = x.shape
-        qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        q, k, scale = self._queries_keys(x, extra)
+        logits = (q * scale) @ k.transpose(-2, -1)
+        t = logits.shape[-1]
         if self.num_prefix_tokens > 1:
             keep = torch.cat(
                 (torch.zeros(1, dtype=torch.long), torch.arange(self.num_prefix_tokens, t, dtype=torch.long))
@@ -249,7 +320,8 @@ class Backbone(nn.Module):
         """Features and last-block attention logits of ``images``.
 
         Args:
-            images: ``(B, 3, H, W)``, normalised; H and W multiples of ``patch_size``.
+            images: ``(B, 3, H, W)``, normalised with the ImageNet statistics; H and W
+                multiples of ``patch_size``.
             with_attention: False skips the attention logits (``attn_logits`` is None).
 
         Returns:
@@ -265,13 +337,15 @@ class Backbone(nn.Module):
                 f"image size {hh}×{ww} is not a multiple of the patch size {p}: resize or crop to a multiple of {p}"
             )
         h, w = hh // p, ww // p
+        scale, shift = self.input_scale, self.input_shift
+        if isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor):  # not ImageNet statistics
+            images = images * scale.to(images.dtype) + shift.to(images.dtype)
+        extra = self.grid_constants(h, w)[1]
         x = self._tokens(images, h, w)
-        blocks = self.vit.blocks
-        for blk in blocks[:-1]:
-            x = blk(x)
-        last = blocks[-1]
-        attn_logits = self.attention_logits(last, x) if with_attention else None
-        x = self.vit.norm(last(x))
+        for i in range(self.depth - 1):
+            x = self._block(i, x, extra)
+        attn_logits = self.attention_logits(x, extra) if with_attention else None
+        x = self.vit.norm(self._block(self.depth - 1, x, extra))
         feats = x[:, self.num_prefix_tokens :].reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         return BackboneOutput(feats, attn_logits)
 
@@ -281,66 +355,95 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, patch={self.patch_size}, dim={self.embed_dim}, depth={self.depth}, "
-            f"heads={self.num_heads}, registers={self.num_registers}, pos_grid={self.pos_grid}"
+            f"name={self.name!r}, family={self.family}, patch={self.patch_size}, dim={self.embed_dim}, "
+            f"depth={self.depth}, heads={self.num_heads}, registers={self.num_registers}, pos_grid={self.pos_grid}"
         )
 
 
 # ------------------------------------------------------------------------------------------
-# weights
+# families: timm VisionTransformer, and DINO v1 files on it
 # ------------------------------------------------------------------------------------------
 
 
+class TimmViT(Backbone):
+    """timm ``VisionTransformer`` (DINOv2, DINOv2 with registers, DeiT, …): learned absolute
+    positions resampled by timm's ``dynamic_img_size`` rule, fused ``qkv`` attention."""
 
+    family = "timm-vit"
+    covers = "timm VisionTransformer (DINOv2, DINOv2 with registers, DeiT, …)"
 
-def is_timm_name(name: str) -> bool:
-    import timm
-
-    return bool(timm.is_model(name))
-
-
-def timm_model(name: str, *, pretrained: bool, **kwargs: Any) -> Any:
-    import timm
-
-    return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, num_classes=0, **kwargs)
-
-
-def backbone_from_arch(arch: BackboneArch, *, init: bool = True) -> Backbone:
-    """A backbone of architecture ``arch`` whose weights are loaded separately.
-
-    ``init=False`` skips timm's weight initialisation (for DINO-family backbones), for speed
-    when the weights are about to be overwritten anyway.
-    """
-    if arch.dino_family:
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
-        if arch.pos_grid[0] != arch.pos_grid[1]:
-            raise HPSegError(f"DINO-family backbones need a square position grid, got {arch.pos_grid}")
-        vit = VisionTransformer(
-            img_size=arch.pos_grid[0] * arch.patch_size,
-            patch_size=arch.patch_size,
-            embed_dim=arch.embed_dim,
-            depth=arch.depth,
-            num_heads=arch.num_heads,
-            mlp_ratio=arch.mlp_ratio,
-            qkv_bias=arch.qkv_bias,
-            init_values=1.0 if arch.layer_scale else None,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_classes=0,
-            dynamic_img_size=True,
-            weight_init="" if init else "skip",
+        blocks: Any = getattr(model, "blocks", None)
+        return (
+            isinstance(model, VisionTransformer)
+            and blocks is not None
+            and len(blocks) > 0
+            and getattr(blocks[-1].attn, "qkv", None) is not None
         )
-        return Backbone(vit, arch.name, dino_family=True)
-    if not is_timm_name(arch.name):
-        raise HPSegError(f"{arch.name!r} is neither a DINO-family backbone nor a timm model name")
-    vit = timm_model(
-        arch.name,
-        pretrained=False,
-        img_size=(arch.pos_grid[0] * arch.patch_size, arch.pos_grid[1] * arch.patch_size),
-        embed_dim=arch.embed_dim,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-    )
-    return Backbone(vit, arch.name, dino_family=False)
+
+    def __init__(self, vit: nn.Module, name: str) -> None:
+        if not getattr(vit, "dynamic_img_size", False):
+            raise HPSegError(f"backbone {name!r} must be created with dynamic_img_size=True")
+        super().__init__(vit, name)
+
+    def _grid_constants(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        vit = self.vit
+        return vit._pos_embed(vit.cls_token.new_zeros(1, h, w, self.embed_dim)), None
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.patch_embed(images).flatten(1, 2)  # type: ignore[no-any-return]  # (B,h,w,F)→(B,h·w,F)
+
+    def _queries_keys(
+        self, x: torch.Tensor, extra: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        block = self.vit.blocks[-1]
+        attn = block.attn
+        b, t, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), float(attn.scale)
 
 
+class DinoViT(TimmViT):
+    """DINO v1 files (official, training checkpoints, the authors' HP files, the demo ViT) on a
+    timm ``VisionTransformer``: CLS only, and DINO's own position rule
+    (:func:`dino_interpolate_pos_embed`), so features match the authors' at any resolution."""
+
+    family = "dino"
+    covers = "DINO v1 weight files (dino_vits8 …, the authors' HP checkpoints, hpseg_demo_vit)"
+    dino_family = True
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        v: Any = model
+        return (
+            super().accepts(model)
+            and int(getattr(v, "num_prefix_tokens", 1)) == 1
+            and not getattr(v, "no_embed_class", False)
+            and v.pos_embed is not None
+        )
+
+    def __init__(self, vit: nn.Module, name: str) -> None:
+        if not DinoViT.accepts(vit):
+            raise HPSegError(
+                f"backbone {name!r}: DINO position embeddings need CLS-only, class-embedded positions"
+            )
+        super().__init__(vit, name)
+
+    def _pos_grid(self) -> tuple[int, int]:
+        side = math.isqrt(self.vit.pos_embed.shape[1] - 1)
+        return side, side
+
+    def _statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return IMAGENET_MEAN, IMAGENET_STD  # DINO trained on ImageNet-normalised images
+
+    def _grid_constants(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        vit = self.vit
+        zeros = vit.cls_token.new_zeros(1, h * w, self.embed_dim)
+        return torch.cat((vit.cls_token, zeros), dim=1) + dino_interpolate_pos_embed(vit.pos_embed, h, w), None
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        pe = self.vit.patch_embed
+        return pe.norm(pe.proj(images).flatten(2).transpose(1, 2))  # type: ignore[no-any-return]

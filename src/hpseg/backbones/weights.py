@@ -27,13 +27,21 @@ from typing import Any
 
 import torch
 
-from hpseg.backbones.registry import DEMO_ASSET, DINO_BASE_URL, Registered, heads_for_width
+from hpseg.backbones.registry import (
+    DEMO_ASSET,
+    DINO_BASE_URL,
+    DINOV3_REPO,
+    Registered,
+    TimmRelease,
+    heads_for_width,
+)
 from hpseg.backbones.vit import BackboneArch
 from hpseg.errors import HPSegError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "cached_meta_file",
     "check_timm_weights_reachable",
     "demo_weights",
     "download_dino",
@@ -148,11 +156,20 @@ def download_dino(name: str, reg: Registered) -> dict[str, torch.Tensor]:
     return normalize_state_dict(sd)
 
 
-def check_timm_weights_reachable(name: str) -> None:
+def cached_meta_file(release: TimmRelease) -> Path | None:
+    """Meta's official weights file of ``release`` in the torch hub cache
+    (``<hub>/checkpoints/<meta_file>-<hash>.pth``), or None."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(folder.glob(f"{release.meta_file}*.pth")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def check_timm_weights_reachable(name: str, release: TimmRelease | None = None) -> None:
     """Fail fast when timm's pretrained weights of ``name`` are neither cached nor downloadable.
 
     timm fetches them from the Hugging Face hub and, offline, spends a long time in retries
-    before failing; this check answers in seconds with the file to fetch and where to put it.
+    before failing; this check answers in seconds with the file to fetch and where to put it
+    (for a short name's ``release`` also Meta's official file and the folder it is looked for in).
     """
     import timm
 
@@ -170,11 +187,17 @@ def check_timm_weights_reachable(name: str) -> None:
             return
     if _reachable("huggingface.co"):
         return
+    url = f"https://huggingface.co/{repo}/resolve/main/model.safetensors"
+    if release is not None:
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise HPSegError(
+            f"the weights of {name} are not cached and this machine cannot reach huggingface.co: put Meta's "
+            f"{release.meta_file}-*.pth ({DINOV3_REPO}) in {hub}/, or download {url} and pass weights=PATH"
+        )
     folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     raise HPSegError(
         f"the timm weights of {name} are not cached and this machine cannot reach huggingface.co: "
-        f"download https://huggingface.co/{repo}/resolve/main/model.safetensors and pass weights=PATH "
-        f"(or copy a connected machine's {folder} here)"
+        f"download {url} and pass weights=PATH (or copy a connected machine's {folder} here)"
     )
 
 
