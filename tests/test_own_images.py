@@ -107,3 +107,33 @@ def test_outputs_are_readable_by_others(trained) -> None:
     assert len(written) > 10
     private = [str(p.relative_to(work)) for p in written if not p.stat().st_mode & stat.S_IROTH]
     assert not private, private  # 0644 under umask 022, also for files renamed into place
+
+
+def test_folder_preset_trains_hp_on_a_small_folder(tmp_path, tiny_backbone_file, capsys) -> None:
+    """The folder preset's own schedule (no warm-up / renewal / validation overrides) on 12
+    unlabelled images: the schedule is fitted and logged, λ switches on for most of the run, the
+    held-out images are never trained on, and validation does not follow every short epoch."""
+    import time
+
+    rng = np.random.default_rng(1)
+    photos = tmp_path / "few"
+    photos.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photos / f"im{i:02d}.png")
+    argv = ["train", "--preset", "folder", f"data.root={photos}", "data.n_classes=3", "data.resolution=32",
+            "data.eval_resolution=32", "data.num_workers=0", "backbone=dino_vits8", f"weights={tiny_backbone_file}",
+            "model.dim=8", "train.batch_size=4", "train.epochs=5", "train.log_freq=1", "train.progress=false",
+            f"train.out_dir={tmp_path / 'run'}"]
+    start = time.perf_counter()
+    assert main(argv) == 0
+    assert time.perf_counter() - start < 60
+    fitted = [line for line in _err(capsys).splitlines() if "schedule fitted" in line]
+    assert len(fitted) == 1 and "loss.warmup 50 →" in fitted[0]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lam = [r["lambda"] for r in rows if "lambda" in r]
+    assert len(lam) == 10 and sum(v > 0 for v in lam) > len(lam) / 2  # 10 images train: 2 iterations per epoch
+    validations = [r for r in rows if "val" in r]
+    assert 2 <= len(validations) < 5  # not after each of the five epochs
+    assert all(0 < v["val"]["diagnostics"]["positives_per_anchor"] for v in validations)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "counting: global" in saved and "holdout: 0.2" in saved

@@ -50,9 +50,9 @@ def test_only_the_cli_prints() -> None:
 
 #: the layers of docs/DEVELOPING.md: a module may import from its own layer and the layers below
 LAYERS = {
-    "foundations": ["errors", "io", "config", "imaging", "runtime", "distributed"],
+    "foundations": ["errors", "io", "config", "schedule", "imaging", "runtime", "distributed"],
     "math and modules": ["hidden_positives", "metrics", "crf", "clustering", "heads", "backbones", "model",
-                         "diagnostics"],
+                         "diagnostics", "label_free"],
     "data and files": ["data", "checkpoint", "results", "viz"],
     "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
     "presentation": ["report", "compare"],

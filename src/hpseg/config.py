@@ -52,6 +52,7 @@ class DataConfig:
     n_classes: int | None = None  # folder datasets: number of classes / clusters wanted
     class_names: list[str] | None = None
     max_val_images: int | None = None  # evaluate on the first N validation images only
+    holdout: float = 0.0  # folders without val/ sub-folder: fraction of images held out for validation
     synthetic_train_images: int = 512
     synthetic_val_images: int = 64
     synthetic_classes: int = 5
@@ -110,6 +111,9 @@ class TrainConfig:
     out_dir: str | None = None  # None: runs/<dataset> (runs/<folder name> for image folders)
     cache_features: bool = False  # precompute frozen backbone outputs of un-augmented images
     progress: bool = True
+    counting: str = "epoch"  # epoch: renew/validate on the batch index within the epoch (authors); global
+    valid_images: int | None = None  # validation images used during training (None: all)
+    auto_schedule: bool = True  # folder datasets: fit warm-up, renewal, validation to the run (hpseg.schedule)
 
 
 @dataclass
@@ -337,6 +341,9 @@ def validate(cfg: Config) -> None:
         (t.max_iters is None or t.max_iters >= 1, "train.max_iters must be at least 1"),
         (t.valid_freq >= 1 and t.log_freq >= 1, "train.valid_freq and train.log_freq must be at least 1"),
         (d.interpolation in ("bilinear", "bicubic", "nearest"), "data.interpolation must be bilinear, bicubic or nearest"),
+        (0.0 <= d.holdout < 1.0, "data.holdout must lie in [0, 1) (e.g. 0.2 holds out a fifth of the images)"),
+        (t.counting in ("epoch", "global"), "train.counting must be epoch or global"),
+        (t.valid_images is None or t.valid_images >= 1, "train.valid_images must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -331,7 +331,10 @@ def hidden_positive_diagnostics(
     Batches of ``loader`` should have the training batch size (positives are mined within a
     batch). Returns the label-free numbers — ``heldout_hp_loss`` (the hidden-positive loss at
     λ = 0 and ρ = 1, so that it is deterministic and comparable across validations),
-    ``positives_per_anchor``, ``kept_anchor_fraction`` — and, where the images have labels,
+    ``positives_per_anchor`` (and ``_specific``: the positives an anchor gets among the
+    ``B·S² − 1`` candidates of a batch of the loader's batch size ``B``, i.e. the fraction of
+    candidate pairs that are positive times ``B·S² − 1``, so that a smaller last batch or a
+    smaller validation set does not change it), ``kept_anchor_fraction`` — and, where the images have labels,
     ``positive_precision_agnostic``/``_specific`` and ``kmeans_code_miou`` next to
     ``cluster_probe_patch_miou`` (the probe scored on the same patches).
     """
@@ -339,6 +342,7 @@ def hidden_positive_diagnostics(
     losses: list[float] = []
     codes: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    candidates, per_image = 0, 1
     for batch in loader:
         images = batch["img"].to(runtime.device)
         with runtime.autocast():
@@ -349,6 +353,8 @@ def hidden_positive_diagnostics(
         s = F.normalize(_flat(model.ema_head(feats)), dim=1)
         patches = patch_labels(batch["label"].to(runtime.device), (code.shape[-2], code.shape[-1])).reshape(-1)
         stats.update(f, s, pool_agnostic, pool_specific, patches)
+        candidates += f.shape[0] * (f.shape[0] - 1)
+        per_image = code.shape[-2] * code.shape[-1]
         if images.shape[0] > 1:
             z = model.projection(_flat(code))
             z_lhp = model.projection(_flat(local_propagation(attn, code, sigma=sigma)))
@@ -357,6 +363,10 @@ def hidden_positive_diagnostics(
         codes.append(_flat(code).cpu())
         labels.append(patches.cpu())
     out_doc: dict[str, Any] = dict(stats.result())
+    reference = int(loader.batch_size or 1) * per_image - 1  # candidates of an anchor in a full batch
+    if candidates > 0 and reference > 0:
+        out_doc["positives_per_anchor"] = stats.counts.pairs_agnostic / candidates * reference
+        out_doc["positives_per_anchor_specific"] = stats.counts.pairs_specific / candidates * reference
     if losses:
         out_doc["heldout_hp_loss"] = sum(losses) / len(losses)
     all_codes, all_labels = torch.cat(codes), torch.cat(labels)

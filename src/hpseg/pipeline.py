@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
@@ -86,34 +86,98 @@ def _dataset_kwargs(cfg: Config, *, train: bool) -> dict[str, Any]:
     return kwargs
 
 
+class _Picked(Dataset):
+    """The items ``indices`` of ``dataset``; other attributes (``class_names``, ``n_classes``,
+    ``has_labels``) are the dataset's, ``name(i)`` is the name of the picked item. Unlike
+    ``torch.utils.data.Subset`` it has no ``__getitems__``, which would bypass the seeded
+    wrapper of the training loader (:class:`hpseg.data.sampler.SeededItems`)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+    def name(self, index: int) -> str:
+        return str(self.dataset.name(self.indices[index]))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "indices"):  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _subset(ds: Dataset, indices: list[int]) -> Dataset:
+    """The items ``indices`` of ``ds``, keeping its ``class_names`` and ``n_classes``."""
+    return _Picked(ds, indices)
+
+
+def holdout_indices(names: list[str], fraction: float) -> tuple[list[int], list[int]]:
+    """``(training, held-out)`` indices of items called ``names``: the ``round(fraction · n)``
+    (at least one, leaving at least two for training) whose SHA-1 of the name sorts first.
+
+    The choice depends on each name only, so adding images to a folder moves few of the others.
+    """
+    import hashlib
+
+    n = len(names)
+    k = min(max(1, round(fraction * n)), n - 2) if fraction > 0 else 0
+    order = sorted(range(n), key=lambda i: hashlib.sha1(names[i].encode("utf-8")).hexdigest())
+    held = sorted(order[:k]) if k > 0 else []
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+def _holds_out(cfg: Config) -> bool:
+    """Whether training and validation images come from one folder split by ``data.holdout``."""
+    d = cfg.data
+    if d.dataset != "folder" or d.holdout <= 0 or not d.root:
+        return False
+    root = Path(d.root).expanduser()
+    return d.train_split == d.val_split or not ((root / d.train_split).is_dir() or (root / d.val_split).is_dir())
+
+
+def _split(cfg: Config, ds: Dataset, part: int) -> Dataset:
+    """The training (``part=0``) or held-out (``part=1``) images of a folder with ``data.holdout``."""
+    if not _holds_out(cfg):
+        return ds
+    names = [ds.name(i) for i in range(len(ds))]  # type: ignore[attr-defined, arg-type]
+    return _subset(ds, holdout_indices(names, cfg.data.holdout)[part])
+
+
 def build_train_set(cfg: Config) -> Dataset:
-    """The training dataset (train transforms with the photometric view)."""
+    """The training dataset (train transforms with the photometric view); without the held-out
+    images of a folder with ``data.holdout``."""
     require_data_root(cfg)
     d = cfg.data
     kwargs = _dataset_kwargs(cfg, train=True)
     if d.dataset in PAPER_DATASETS:
         kwargs.update(five_crop=d.five_crop, crop_ratio=d.crop_ratio)
-    return build_dataset(d.dataset, d.root, d.train_split, mode="train", resolution=d.resolution, **kwargs)
+    return _split(cfg, build_dataset(d.dataset, d.root, d.train_split, mode="train", resolution=d.resolution,
+                                     **kwargs), 0)
 
 
 def build_val_set(cfg: Config, split: str | None = None) -> Dataset:
-    """The evaluation dataset (resize + centre crop at ``data.eval_resolution``)."""
+    """The evaluation dataset (resize + centre crop at ``data.eval_resolution``): the held-out
+    images of a folder with ``data.holdout``, at most ``data.max_val_images``."""
     require_data_root(cfg)
     d = cfg.data
     ds = build_dataset(d.dataset, d.root, split or d.val_split, mode="eval", resolution=d.eval_resolution,
                        **_dataset_kwargs(cfg, train=False))
+    ds = _split(cfg, ds, 1) if split is None or split == d.val_split else ds
     if d.max_val_images is not None and d.max_val_images < len(ds):  # type: ignore[arg-type]
-        sub = Subset(ds, range(d.max_val_images))
-        sub.class_names, sub.n_classes = ds.class_names, ds.n_classes  # type: ignore[attr-defined]
-        return sub
+        return _subset(ds, list(range(d.max_val_images)))
     return ds
 
 
 def _baseline_train_set(cfg: Config) -> Dataset:
     """Training images with evaluation transforms (no augmentation): k-means fitting data."""
     d = cfg.data
-    return build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution,
-                         **_dataset_kwargs(cfg, train=True))
+    return _split(cfg, build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution,
+                                     **_dataset_kwargs(cfg, train=True)), 0)
 
 
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
@@ -197,16 +261,28 @@ def _check_resume_config(out_dir: Path, cfg: Config) -> None:
                     tc.max_iters, tb.max_iters)
 
 
+def _validation_subset(val_set: Dataset, n: int | None) -> Dataset:
+    """``n`` validation images spread evenly over ``val_set`` (all when ``n`` is None or larger)."""
+    total = len(val_set)  # type: ignore[arg-type]
+    if n is None or n >= total:
+        return val_set
+    return _subset(val_set, sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)}))
+
+
 def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``)."""
+    """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``); folder runs train with
+    a schedule fitted to the folder (:func:`hpseg.schedule.fit_schedule`)."""
+    from hpseg.schedule import fit_schedule
+
     runtime = runtime or build_runtime(cfg)
     seed_everything(cfg.train.seed + runtime.rank)
+    train_set = build_train_set(cfg)
+    val_set = build_val_set(cfg)
+    cfg = fit_schedule(cfg, len(train_set), len(val_set), runtime.world_size).config  # type: ignore[arg-type]
     _check_resume_config(out_dir, cfg)
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    train_set = build_train_set(cfg)
-    val_set = build_val_set(cfg)
     model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
@@ -216,7 +292,7 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
     log.info("training %s → %s", cfg.data.dataset, out_dir)
     return fit(model, train_set, train=cfg.train, loss=cfg.loss, runtime=runtime, out_dir=out_dir,
                config=cfg.to_dict(), num_workers=cfg.data.num_workers,
-               validate=make_validator(cfg, val_set, runtime))
+               validate=make_validator(cfg, _validation_subset(val_set, cfg.train.valid_images), runtime))
 
 
 @dataclass

@@ -394,9 +394,12 @@ class DataPlan:
                              "takes batch_size / processes images)")
         sampler = EpochSampler(n, per_rank, train.seed, runtime.rank, runtime.world_size)
         per_epoch = sampler.batches_per_epoch()
+        if n < 2 * runtime.world_size:
+            raise HPSegError(f"training needs at least two images{' per process' if runtime.world_size > 1 else ''} "
+                             f"(positives are mined across images) but the training set has {n}: add images")
         if per_epoch < 1:
             raise HPSegError(f"the training set has {n} images, fewer than one batch of {train.batch_size}: "
-                             "lower train.batch_size")
+                             f"set train.batch_size={n // runtime.world_size * runtime.world_size} or lower")
         max_iters = per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs,
                                                                                   train.max_iters)
         pool_sampler = EpochSampler(n, per_rank, train.seed + 1, runtime.rank, runtime.world_size)
@@ -478,6 +481,8 @@ def fit(
             for batch in batches:
                 it = state.iteration
                 i = it - epoch * per_epoch  # batch index within the epoch (the authors' count)
+                if train.counting == "global":  # short epochs (small folders): count the run's iterations
+                    i = it
                 if i % loss.renew_interval == 0 and i != 0:
                     pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)
@@ -490,7 +495,8 @@ def fit(
                     ckpt.log({"iteration": it, "epoch": epoch, "loss": out.loss, **out.parts, "lambda": lam,
                               "grad_norm": out.grad_norm, **{f"train_{k}": v for k, v in hp_loss.stats.items()},
                               "seconds": round(time.perf_counter() - t0, 3)})
-                if (i + 1) % train.valid_freq == 0 or i + 1 == per_epoch or it + 1 == max_iters:
+                epoch_end = train.counting == "epoch" and i + 1 == per_epoch
+                if (i + 1) % train.valid_freq == 0 or epoch_end or it + 1 == max_iters:
                     _validate(model, pools, validate, state, ckpt, epoch)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
                 if stop.requested:
