@@ -106,3 +106,35 @@ def test_stray_option_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["config", "--preset", "synthetic", "--nonsense"])
     assert "unrecognized arguments: --nonsense" in capsys.readouterr().err
+
+
+def test_name_refuses_duplicate_ids_and_explains_minus_one(tmp_path, capsys):
+    import torch
+
+    from hpseg.backbones import BackboneArch, backbone_from_arch
+    from hpseg.checkpoint import load_model, save_checkpoint
+    from hpseg.model import HPModel
+
+    torch.manual_seed(0)
+    bb = backbone_from_arch(BackboneArch("dino_custom", 8, 64, 1, 1, (4, 4)))
+    ckpt = save_checkpoint(tmp_path / "best.pt", HPModel.create(bb, dim=8, n_classes=3, n_clusters=3,
+                                                                 class_names=["a", "b", "c"]))
+    assert main(["name", str(ckpt), "0=sky", "0=sea"]) == 2
+    err = _err(capsys)
+    assert "cluster 0 is named twice" in err and len(err.strip().splitlines()) == 1
+    assert main(["name", str(ckpt), "-1=void"]) == 2  # not an argparse error: the id is explained
+    err = _err(capsys)
+    assert "cluster -1 does not exist" in err and "clusters 0..2" in err
+    assert main(["name", str(ckpt), "2=sand", "-1=void"]) == 2 and load_model(ckpt).cluster_names is None
+    assert main(["name", str(ckpt)]) == 2 and "no cluster names given" in _err(capsys)
+
+
+def test_errors_from_dataloader_workers_print_their_last_line_only():
+    from hpseg.cli.main import _one_line
+    from hpseg.errors import UnreadableFileError
+
+    wrapped = UnreadableFileError("Caught UnreadableFileError in DataLoader worker process 0.\nOriginal Traceback "
+                                  "(most recent call last):\n  File \"x.py\", line 1, in f\nhpseg.errors."
+                                  "UnreadableFileError: cannot read a.jpg (truncated): the file is damaged")
+    assert _one_line(wrapped) == "cannot read a.jpg (truncated): the file is damaged"
+    assert _one_line(UnreadableFileError("one line")) == "one line"

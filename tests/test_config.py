@@ -104,3 +104,19 @@ def test_preset_from_yaml_file(tmp_path):
     path.write_text("data:\n  dataset: folder\n  root: /imgs\n  n_classes: 4\nmodel:\n  dim: 32\n")
     cfg = build_config(str(path), [])
     assert cfg.data.dataset == "folder" and cfg.data.n_classes == 4 and cfg.model.dim == 32
+
+
+def test_run_folders_of_two_data_folders_with_one_name_do_not_collide(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "a" / "photos", tmp_path / "b" / "photos"
+    cfg_a = build_config("folder", [f"data.root={a}"])
+    cfg_b = build_config("folder", [f"data.root={b}"])
+    assert run_dir(cfg_a) == run_dir(cfg_b) == Path("runs/photos")  # nothing trained yet
+    (tmp_path / "runs" / "photos").mkdir(parents=True)
+    (tmp_path / "runs" / "photos" / "config.yaml").write_text(cfg_a.to_yaml())
+    assert run_dir(cfg_a) == Path("runs/photos")  # its own run: the same folder again
+    other = run_dir(cfg_b)
+    assert other.parent == Path("runs") and other.name.startswith("photos-") and len(other.name) == len("photos-") + 6
+    assert run_dir(build_config("folder", [f"data.root={b}"])) == other  # stable

@@ -417,3 +417,18 @@ def test_unreadable_error_survives_pickling_and_workers(tmp_path: Path) -> None:
         ds[1]
     with pytest.raises(UnreadableFileError, match=f"{COCO_TRAIN[1]}.jpg"):
         list(DataLoader(ds, batch_size=1, num_workers=1))
+
+
+def test_folder_leaves_out_unreadable_images_in_order(tmp_path: Path, caplog) -> None:
+    tree = make_folder_tree(tmp_path, with_labels=False)
+    data = tree.images["a"].read_bytes()
+    (tmp_path / "b_cut.jpg").write_bytes(data[: len(data) // 3])  # sorts between a and c
+    (tmp_path / "zz.png").write_text("a text file named .png")
+    with caplog.at_level("WARNING", logger="hpseg"):
+        ds = FolderDataset(tmp_path, n_classes=2, max_skipped_fraction=0.5)
+    assert ds.ids == ["a", "c", "sub/b"]  # the readable ones, in their sorted order
+    assert [p.name for p, _ in ds.skipped] == ["b_cut.jpg", "zz.png"]
+    assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1  # one line
+    assert ds[1]["name"] == "c"
+    with pytest.raises(HPSegError, match=r"2 of 5 images .*cannot be read .*first: b_cut.jpg.*max_skipped_fraction"):
+        FolderDataset(tmp_path, n_classes=2, max_skipped_fraction=0.2)

@@ -94,3 +94,98 @@ def test_dinov2_with_registers_end_to_end(tmp_path):
     labels = seg.predict(image)
     assert labels.shape == (61, 90)
     assert labels.max() < 3 and labels.min() >= -1
+
+
+# --- a user's folder: unreadable files, finished runs, names, failed starts --------------------
+
+
+def _folder(root, n: int, *, damaged: bool = False):
+    """``n`` small photos under ``root`` (+ a truncated JPEG and a text file named .jpg)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / f"p{i}.jpg")
+    if damaged:
+        data = (root / "p0.jpg").read_bytes()
+        (root / "cut.jpg").write_bytes(data[: len(data) // 3])
+        (root / "notes.jpg").write_text("not an image")
+    return root
+
+
+def _folder_config(root, out, *extra: str):
+    return build_config(None, ["data.dataset=folder", f"data.root={root}", "data.n_classes=3", "data.resolution=32",
+                               "data.eval_resolution=32", "data.num_workers=0", "model.pretrained=false",
+                               "model.dim=8", "train.batch_size=2", "train.epochs=1", "train.progress=false",
+                               "loss.pool_size=4", "loss.warmup=0", f"train.out_dir={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory, tiny_backbone_file):
+    """A finished run on 4 photos among which 2 files cannot be read (threshold raised to 0.5)."""
+    work = tmp_path_factory.mktemp("own")
+    photos = _folder(work / "photos", 4, damaged=True)
+    cfg = _folder_config(photos, work / "run", f"model.weights={tiny_backbone_file}", "data.max_skipped_fraction=0.5")
+    run = run_training(cfg)
+    return cfg, run, work
+
+
+def test_unreadable_images_are_left_out_and_listed(folder_run):
+    cfg, run, work = folder_run
+    assert run.folders == [work / "run"] and run.finished_before == []
+    listed = (work / "run" / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in listed) == ["cut.jpg", "notes.jpg"]
+    assert json.loads((work / "run" / "train_summary.json").read_text())["iterations"] == 2  # 4 images, batch 2
+
+
+def test_rerunning_a_finished_run_changes_nothing(folder_run):
+    from hpseg.pipeline import name_clusters
+
+    cfg, _, work = folder_run
+    run = work / "run"
+    name_clusters(run, {0: "sky", 1: "sea", 2: "sand"})
+    before = {f: (run / f).read_bytes() for f in ("best.pt", "final.pt", "train_summary.json", "config.yaml",
+                                                    "metrics.jsonl")}
+    again = run_training(cfg)
+    assert again.finished_before == [run]
+    assert {f: (run / f).read_bytes() for f in before} == before
+    assert load_model(run / "best.pt").cluster_names == ["sky", "sea", "sand"]
+
+
+def test_naming_updates_only_the_ids_given(folder_run):
+    from hpseg.errors import HPSegError
+    from hpseg.pipeline import name_clusters
+
+    run = folder_run[2] / "run"
+    name_clusters(run, {0: "sky", 1: "sea", 2: "sand"})
+    name_clusters(run, {1: "foliage"})
+    assert load_model(run / "final.pt").cluster_names == ["sky", "foliage", "sand"]
+    with pytest.raises(HPSegError, match=r"cluster -1 does not exist.*no class"):
+        name_clusters(run, {-1: "void"})
+
+
+def test_a_changed_setting_on_a_finished_run_names_it_and_a_new_folder(folder_run):
+    from hpseg.errors import HPSegError
+
+    cfg, _, work = folder_run
+    changed = _folder_config(cfg.data.root, work / "run", f"model.weights={cfg.model.weights}",
+                             "data.max_skipped_fraction=0.5", "model.n_clusters=4")
+    with pytest.raises(HPSegError, match=r"finished run with other settings \(model.n_clusters None → 4\).*"
+                                         r"train.out_dir=.*run-k4") as err:
+        run_training(changed)
+    assert "\n" not in str(err.value)
+
+
+def test_failed_starts_leave_nothing_behind(tmp_path, tiny_backbone_file):
+    from hpseg.errors import HPSegError
+
+    one = _folder(tmp_path / "one", 1)
+    with pytest.raises(HPSegError, match="at least two images"):
+        run_training(_folder_config(one, tmp_path / "run1", f"model.weights={tiny_backbone_file}"))
+    assert not (tmp_path / "run1").exists()
+    damaged = _folder(tmp_path / "damaged", 4, damaged=True)  # 2 of 6 unreadable > 10 %
+    with pytest.raises(HPSegError, match=r"2 of 6 images .* cannot be read .*data.max_skipped_fraction"):
+        run_training(_folder_config(damaged, tmp_path / "run2", f"model.weights={tiny_backbone_file}"))
+    assert not (tmp_path / "run2").exists()

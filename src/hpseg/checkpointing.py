@@ -13,14 +13,22 @@ and augmentation are functions of (seed, epoch, item) (:mod:`hpseg.data.sampler`
 global random streams (dropout masks, negative sampling) and the pool generator are saved and
 restored. :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
 two steps, after ``last.pt`` is written.
+
+A run folder keeps the user's work: :func:`check_run_folder` says when a folder already holds a
+finished run of the same settings (nothing to do) and refuses, naming the changed settings and
+a new folder, a finished or unfinished run of other settings; :func:`removed_on_failure` removes
+a folder that a failed start created, so that no half-made run (a lone ``config.yaml``) stays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import re
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,13 +40,23 @@ import torch
 
 from hpseg import distributed as dist
 from hpseg.checkpoint import save_checkpoint
+from hpseg.errors import HPSegError
 from hpseg.io import atomic_torch_save, atomic_write_text, finite
 from hpseg.model import HPModel
 from hpseg.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpointer", "StopRequest", "TrainState", "stop_on_signals"]
+__all__ = [
+    "Checkpointer",
+    "StopRequest",
+    "TrainState",
+    "changed_settings",
+    "check_run_folder",
+    "removed_on_failure",
+    "stop_on_signals",
+    "suggest_out_dir",
+]
 
 LAST_FORMAT_VERSION = 2
 
@@ -224,3 +242,99 @@ class Checkpointer:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
+
+
+# ------------------------------------------------------------------------------------------
+# the state of a run folder
+# ------------------------------------------------------------------------------------------
+
+#: settings that change how a run is carried out, never what it computes
+_BOOKKEEPING = frozenset({"train.progress", "train.device", "train.out_dir", "train.log_freq", "train.seeds",
+                          "data.num_workers", "data.max_skipped_fraction"})
+#: what an unfinished run may change when resumed (its other train.* settings too: a longer run...)
+_RESUME_TRAIN = frozenset({"train.batch_size", "train.epochs", "train.seed", "train.precision"})
+#: short tags of a suggested folder name (runs/photos-k8)
+_TAGS = {"model.n_clusters": "k", "data.n_classes": "k", "train.seed": "seed", "data.resolution": "r",
+         "train.epochs": "e", "train.batch_size": "b", "train.max_iters": "it"}
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {f"{sec}.{k}": v for sec in ("data", "model", "loss", "train")
+            for k, v in (config.get(sec) or {}).items()}
+    if flat.get("data.root"):
+        flat["data.root"] = str(Path(str(flat["data.root"])).expanduser().resolve())
+    return flat
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], *,
+                     finished: bool) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, new value)`` of the settings (``Config.to_dict`` form) that differ
+    and matter: every data/model/loss/train setting but bookkeeping (device, progress, workers…)
+    for a finished run; for resuming an unfinished one, data/model/loss and the run's batch,
+    epochs, seed and precision (a new ``train.max_iters`` only changes where it stops)."""
+    a, b = _flat(before), _flat(now)
+    keys = [k for k in b if k not in _BOOKKEEPING and a.get(k) != b[k]]
+    if not finished:
+        keys = [k for k in keys if not k.startswith("train.") or k in _RESUME_TRAIN]
+    return [(k, a.get(k), b[k]) for k in keys]
+
+
+def suggest_out_dir(out_dir: Path, key: str, value: Any) -> Path:
+    """A free sibling folder named after a changed setting: ``runs/photos`` → ``runs/photos-k8``."""
+    if key == "data.root":
+        tag = hashlib.sha1(str(value).encode("utf-8")).hexdigest()[:6]
+    else:
+        tag = f"{_TAGS.get(key, key.split('.')[-1])}{value}"
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag).strip("-") or "new"
+    candidate, n = out_dir.with_name(f"{out_dir.name}-{tag}"), 2
+    while candidate.exists():
+        candidate, n = out_dir.with_name(f"{out_dir.name}-{tag}-{n}"), n + 1
+    return candidate
+
+
+def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Before training into ``out_dir`` with ``config`` (``Config.to_dict``): the stored
+    ``train_summary.json`` (plus ``"already_finished": True``) when the folder holds a finished
+    run of the same settings; None when there is nothing there or an unfinished run to resume.
+
+    Raises:
+        HPSegError: the folder holds a run of other settings (names them and a new folder).
+    """
+    import yaml
+
+    saved, summary_file = out_dir / "config.yaml", out_dir / "train_summary.json"
+    finished = summary_file.is_file() and (out_dir / "final.pt").is_file()
+    if not saved.is_file() or not (finished or (out_dir / "last.pt").is_file()):
+        return None
+    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changed = changed_settings(before, config, finished=finished)
+    if changed:
+        key, _, new = changed[0]
+        listing = "; ".join(f"{k} {a!r} → {b!r}" for k, a, b in changed[:3]) + ("; …" if len(changed) > 3 else "")
+        keep = ("delete the folder to train it again" if finished else
+                "resume with the stored settings, or delete its last.pt to start over")
+        raise HPSegError(f"{out_dir} holds {'a finished' if finished else 'an unfinished'} run with other settings "
+                         f"({listing}): train into a new folder, e.g. train.out_dir={suggest_out_dir(out_dir, key, new)}"
+                         f", or {keep}")
+    if not finished:
+        old, new = (before.get("train") or {}).get("max_iters"), (config.get("train") or {}).get("max_iters")
+        if old != new:
+            log.warning("resuming with train.max_iters=%s instead of %s: the λ ramp follows the new length", new, old)
+        return None
+    summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+    log.info("%s already holds this finished run (%s iterations): nothing to do", out_dir, summary.get("iterations"))
+    return {**summary, "already_finished": True}
+
+
+@contextlib.contextmanager
+def removed_on_failure(out_dir: Path) -> Iterator[None]:
+    """Remove ``out_dir`` when the block fails and the folder did not exist before it, unless a
+    ``last.pt`` (anywhere below it) makes it resumable: a failed start leaves nothing behind."""
+    existed = out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if dist.rank() == 0 and not existed and out_dir.is_dir() and not any(out_dir.rglob("last.pt")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            log.debug("removed %s: the run failed before it could be resumed", out_dir)
+        raise

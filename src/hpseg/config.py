@@ -14,6 +14,7 @@ every checkpoint, so a figure can always be traced back to what produced it.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -49,6 +50,7 @@ class DataConfig:
     interpolation: str = "bilinear"  # image resize; the authors' code uses "nearest" (paper presets)
     aug_on_normalized: bool = False  # photometric aug after normalisation, as the authors' code
     num_workers: int = 2
+    max_skipped_fraction: float = 0.1  # folders: unreadable images left out (listed) up to this fraction
     n_classes: int | None = None  # folder datasets: number of classes / clusters wanted
     class_names: list[str] | None = None
     max_val_images: int | None = None  # evaluate on the first N validation images only
@@ -337,6 +339,7 @@ def validate(cfg: Config) -> None:
         (m.n_clusters is None or m.n_clusters >= 1, "model.n_clusters must be at least 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must lie in [0, 1)"),
         (d.resolution >= 8 and d.eval_resolution >= 8, "data.resolution must be at least 8 pixels"),
+        (0.0 <= d.max_skipped_fraction <= 1.0, "data.max_skipped_fraction must lie in [0, 1] (e.g. 0.1)"),
         (e.matching in ("hungarian", "majority"), "eval.matching must be hungarian or majority"),
         (t.max_iters is None or t.max_iters >= 1, "train.max_iters must be at least 1"),
         (t.valid_freq >= 1 and t.log_freq >= 1, "train.valid_freq and train.log_freq must be at least 1"),
@@ -358,13 +361,32 @@ def require_data_root(cfg: Config) -> None:
         )
 
 
+def _stored_root(folder: Path) -> Path | None:
+    """The absolute ``data.root`` of the run stored in ``folder/config.yaml`` (None: no run)."""
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        return None
+    data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    root = (data.get("data") or {}).get("root") if isinstance(data, dict) else None
+    return Path(str(root)).expanduser().resolve() if root else None
+
+
 def run_dir(cfg: Config) -> Path:
-    """``train.out_dir``, or ``runs/<folder name>`` for image folders and ``runs/<dataset>`` otherwise."""
+    """``train.out_dir``, or ``runs/<folder name>`` for image folders and ``runs/<dataset>`` otherwise.
+
+    Two image folders with one name (``a/photos``, ``b/photos``) do not share a run folder: when
+    ``runs/photos`` holds a run of another folder, this one is ``runs/photos-<6 hex digits of
+    the SHA-1 of its absolute path>``.
+    """
     if cfg.train.out_dir:
         return Path(cfg.train.out_dir)
     if cfg.data.dataset == "folder" and cfg.data.root:
-        name = Path(cfg.data.root).expanduser().resolve().name or "folder"
-        return Path("runs") / name
+        root = Path(cfg.data.root).expanduser().resolve()
+        plain = Path("runs") / (root.name or "folder")
+        stored = _stored_root(plain)
+        if stored is None or stored == root:
+            return plain
+        return plain.with_name(f"{plain.name}-{hashlib.sha1(str(root).encode('utf-8')).hexdigest()[:6]}")
     return Path("runs") / cfg.data.dataset
 
 

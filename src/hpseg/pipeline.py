@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
 from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
+from hpseg.checkpointing import check_run_folder, removed_on_failure
 from hpseg.clustering import kmeans
 from hpseg.config import (
     PAPER_DATASETS,
@@ -82,7 +83,7 @@ def _dataset_kwargs(cfg: Config, *, train: bool) -> dict[str, Any]:
                 "n_images": d.synthetic_train_images if train else d.synthetic_val_images}
     kwargs: dict[str, Any] = {"interpolation": d.interpolation, "aug_on_normalized": d.aug_on_normalized}
     if d.dataset == "folder":
-        kwargs.update(n_classes=d.n_classes, class_names=d.class_names)
+        kwargs.update(n_classes=d.n_classes, class_names=d.class_names, max_skipped_fraction=d.max_skipped_fraction)
     return kwargs
 
 
@@ -239,34 +240,30 @@ def make_validator(cfg: Config, val_set: Dataset, runtime: Runtime) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_resume_config(out_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run folder that was started with a different configuration."""
-    saved = out_dir / "config.yaml"
-    if not (out_dir / "last.pt").is_file() or not saved.is_file():
-        return
-    import yaml
-
-    before = config_from_dict(yaml.safe_load(saved.read_text()))
-    changed = [k for k in ("data", "model", "loss") if getattr(before, k) != getattr(cfg, k)]
-    tb, tc = before.train, cfg.train
-    if (tb.batch_size, tb.epochs, tb.seed, tb.precision) != (tc.batch_size, tc.epochs, tc.seed, tc.precision):
-        changed.append("train")
-    if changed:
-        raise HPSegError(
-            f"{out_dir} holds an unfinished run with different {', '.join(changed)} settings: "
-            "choose another train.out_dir or delete its last.pt to start over"
-        )
-    if tb.max_iters != tc.max_iters:
-        log.warning("resuming with train.max_iters=%s instead of %s: the λ ramp follows the new length",
-                    tc.max_iters, tb.max_iters)
-
-
 def _validation_subset(val_set: Dataset, n: int | None) -> Dataset:
     """``n`` validation images spread evenly over ``val_set`` (all when ``n`` is None or larger)."""
     total = len(val_set)  # type: ignore[arg-type]
     if n is None or n >= total:
         return val_set
     return _subset(val_set, sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)}))
+
+
+def _record_skipped(out_dir: Path, runtime: Runtime, *datasets: Dataset) -> None:
+    """List the images ``datasets`` left out as unreadable in ``out_dir/skipped.txt``
+    (``path<TAB>reason`` per line; removed when none was)."""
+    skipped: dict[Path, str] = {}
+    for ds in datasets:
+        while not hasattr(ds, "skipped") and hasattr(ds, "dataset"):  # Subset, SeededItems
+            ds = ds.dataset
+        skipped.update(getattr(ds, "skipped", []))
+    target = out_dir / "skipped.txt"
+    if not runtime.is_main:
+        return
+    if skipped:
+        atomic_write_text(target, "".join(f"{p}\t{r}\n" for p, r in skipped.items()))
+        log.warning("%d unreadable image(s) left out, listed in %s", len(skipped), target)
+    elif target.exists():
+        target.unlink()
 
 
 def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -279,11 +276,14 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
     cfg = fit_schedule(cfg, len(train_set), len(val_set), runtime.world_size).config  # type: ignore[arg-type]
-    _check_resume_config(out_dir, cfg)
+    finished = check_run_folder(out_dir, cfg.to_dict())
+    if finished is not None:  # the same settings, already trained: nothing to do
+        return finished
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
+    _record_skipped(out_dir, runtime, train_set, val_set)
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
 
@@ -302,6 +302,7 @@ class TrainingRun:
 
     folders: list[Path]
     is_main: bool
+    finished_before: list[Path] = dataclasses.field(default_factory=list)  # already trained: left unchanged
 
 
 def run_training(cfg: Config) -> TrainingRun:
@@ -311,22 +312,23 @@ def run_training(cfg: Config) -> TrainingRun:
     """
     out_dir = run_dir(cfg)
     require_data_root(cfg)
-    with dist.process_group(build_runtime(cfg).device):
+    with dist.process_group(build_runtime(cfg).device), removed_on_failure(out_dir):
         runtime = build_runtime(cfg)  # rank and world size, now that the group exists
         if not cfg.train.seeds:
-            train_one(cfg, out_dir, runtime)
-            return TrainingRun([out_dir], runtime.is_main)
+            done = train_one(cfg, out_dir, runtime).get("already_finished", False)
+            return TrainingRun([out_dir], runtime.is_main, [out_dir] if done else [])
         if runtime.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-        folders = []
+        folders, finished = [], []
         for seed in cfg.train.seeds:
             seeded = config_from_dict(cfg.to_dict())
             seeded.train.seed, seeded.train.seeds = seed, None
             seeded.train.out_dir = str(out_dir / f"seed-{seed}")
-            train_one(seeded, out_dir / f"seed-{seed}", runtime)
+            if train_one(seeded, out_dir / f"seed-{seed}", runtime).get("already_finished", False):
+                finished.append(out_dir / f"seed-{seed}")
             folders.append(out_dir / f"seed-{seed}")
-        return TrainingRun(folders, runtime.is_main)
+        return TrainingRun(folders, runtime.is_main, finished)
 
 
 # ------------------------------------------------------------------------------------------
@@ -482,19 +484,24 @@ def run_baseline(preset: str | None, overrides: list[str]) -> Results:
 
 
 def name_clusters(run: Path, names: dict[int, str]) -> list[Path]:
-    """Store cluster names (``{cluster id: name}``; unnamed clusters keep ``cluster k``) in the
-    run's checkpoints (``best.pt``, ``final.pt``, or the given file) and in its evaluation's
+    """Store cluster names (``{cluster id: name}``; the other clusters keep their stored names,
+    ``cluster k`` when never named) in the run's
+    checkpoints (``best.pt``, ``final.pt``, or the given file) and in its evaluation's
     ``results.json`` when there is one. Returns the files changed."""
     files = [run] if run.is_file() else [p for p in (run / "best.pt", run / "final.pt") if p.is_file()]
     if not files:
         raise HPSegError(f"{run} holds no best.pt or final.pt: give a run folder or a checkpoint file")
     from hpseg.model import ModelSpec
 
-    k = ModelSpec.from_dict(read_checkpoint(files[0]).get("spec") or {}).n_clusters
+    stored = read_checkpoint(files[0])
+    k = ModelSpec.from_dict(stored.get("spec") or {}).n_clusters
     bad = sorted(c for c in names if not 0 <= c < k)
     if bad:
-        raise HPSegError(f"cluster {bad[0]} does not exist: the model has clusters 0..{k - 1}")
-    full = [names.get(c, f"cluster {c}") for c in range(k)]
+        why = " (-1 marks pixels of no class: it is not a cluster and has no name)" if bad[0] < 0 else ""
+        raise HPSegError(f"cluster {bad[0]} does not exist: the model has clusters 0..{k - 1}{why}")
+    before = stored.get("cluster_names") or []
+    before = [str(n) for n in before] if len(before) == k else [f"cluster {c}" for c in range(k)]
+    full = [names.get(c, before[c]) for c in range(k)]
     changed = [set_cluster_names(f, full) for f in files]
     results_file = (run.parent if run.is_file() else run) / "eval" / "results.json"
     if results_file.is_file():

@@ -35,7 +35,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = run_training(cfg)
     if run.is_main:
         for folder in run.folders:
-            print(f"run folder: {folder}  (best checkpoint: {folder / 'best.pt'})")
+            if folder in run.finished_before:
+                print(f"{folder} already holds this finished run: nothing was changed (to train again, "
+                      f"give a new folder: train.out_dir={folder}-2)")
+            else:
+                print(f"run folder: {folder}  (best checkpoint: {folder / 'best.pt'})")
+            skipped = folder / "skipped.txt"
+            if skipped.is_file():
+                n = len(skipped.read_text(encoding="utf-8").splitlines())
+                print(f"left out {n} unreadable image(s), listed in {skipped}")
         print(f"evaluate with: hpseg evaluate {run_dir(cfg)}")
     return 0
 
@@ -91,14 +99,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from hpseg.backbones.registry import available_backbones
     from hpseg.config import build_config
 
     print(build_config(args.preset, overrides(args)).to_yaml(), end="")
+    print(f"# backbone= one of {', '.join(available_backbones())}, or a timm ViT name (e.g. "
+          "vit_small_patch14_reg4_dinov2, vit_small_patch16_dinov3); README: Backbones")
     return 0
 
 
 def _parse_names(values: list[str]) -> dict[int, str]:
-    """``["0=sky", "1=road"]`` or ``["names.json"]`` → ``{0: "sky", 1: "road"}``."""
+    """``["0=sky", "1=road"]`` or ``["names.json"]`` → ``{0: "sky", 1: "road"}`` (an id given twice is refused)."""
     if len(values) == 1 and "=" not in values[0]:
         path = Path(values[0])
         try:
@@ -118,15 +129,20 @@ def _parse_names(values: list[str]) -> dict[int, str]:
             pairs.append((key, name.strip()))
     out: dict[int, str] = {}
     for key, name in pairs:
-        if not key.strip().isdigit():
+        if not key.strip().lstrip("-").isdigit():
             raise HPSegError(f"cluster id {key!r} is not a number: give ID=NAME pairs like 0=sky")
-        out[int(key)] = name
+        cluster = int(key)
+        if cluster in out:
+            raise HPSegError(f"cluster {cluster} is named twice ({out[cluster]!r} and {name!r}): give each id once")
+        out[cluster] = name
     return out
 
 
 def cmd_name(args: argparse.Namespace) -> int:
     from hpseg.pipeline import name_clusters
 
+    if not args.names:
+        raise HPSegError("no cluster names given: hpseg name RUN 0=sky 1=road … (or one JSON file)")
     names = _parse_names(args.names)
     for path in name_clusters(Path(args.run), names):
         print(f"named clusters in {path}")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
 from hpseg.cli import commands
 from hpseg.cli.export import add_export_arguments, cmd_export
 from hpseg.cli.segment import add_segment_arguments, cmd_segment
+from hpseg.cli.sweep import add_sweep_arguments, cmd_sweep
 from hpseg.errors import HPSegError
 
 PRESET_HELP = "preset: cocostuff27, cityscapes27, potsdam3, folder, synthetic, or a YAML file"
+_NEGATIVE_NAME = re.compile(r"-\d+=.*")
 OVERRIDE_HELP = "config overrides key=value, e.g. data.root=/data train.batch_size=32 backbone=dino_vitb8"
 
 
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _with_overrides(s)
     s.set_defaults(func=commands.cmd_baseline)
 
+    s = sub.add_parser("sweep-k", help="choose K without labels: one run per K, label-free figures and galleries")
+    add_sweep_arguments(s)
+    s.set_defaults(func=cmd_sweep)
+
     s = sub.add_parser("prepare", help="write the five-crop sets (train and val) of a dataset")
     s.add_argument("--splits", nargs="*", default=None, help="splits to prepare (default: the train and val splits)")
     _with_overrides(s, "required")
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("name", help="name the clusters of a trained model: hpseg name RUN 0=sky 1=road …")
     s.add_argument("run", help="run folder (best.pt, final.pt) or checkpoint file")
-    s.add_argument("names", nargs="+", help="ID=NAME pairs, or one JSON file ({\"0\": \"sky\", …} or a list)")
+    s.add_argument("names", nargs="*", help="ID=NAME pairs, or one JSON file ({\"0\": \"sky\", …} or a list)")
     s.set_defaults(func=commands.cmd_name)
 
     s = sub.add_parser("report", help="static HTML report of an evaluated run")
@@ -109,10 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: HPSegError) -> str:
+    """The error's message; one re-raised from a DataLoader worker carries the worker's traceback
+    before it (``Caught … in DataLoader worker …``): its last line, without the exception's name."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) < 2:
+        return str(exc)
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hpseg`` command. Returns the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "name":  # ``-1=void`` looks like an option to argparse: it is a (refused) cluster id
+        args.names = [*args.names, *(e for e in extra if _NEGATIVE_NAME.fullmatch(e))]
+        extra = [e for e in extra if not _NEGATIVE_NAME.fullmatch(e)]
     # key=value settings may come after options (``evaluate RUN --out DIR data.root=…``)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if unknown:
@@ -125,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HPSegError as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)

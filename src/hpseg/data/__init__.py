@@ -51,7 +51,7 @@ _FIXED: dict[str, Callable[..., SegmentationDataset]] = {
 }
 # Options every real dataset understands (passed to the reader / transform).
 _COMMON_OPTIONS = ("interpolation", "aug_on_normalized")
-_FOLDER_OPTIONS = ("n_classes", "class_names", "label_dir", "label_suffix")
+_FOLDER_OPTIONS = ("n_classes", "class_names", "label_dir", "label_suffix", "max_skipped_fraction")
 
 __all__ = [
     "DATASET_NAMES",
@@ -113,7 +113,7 @@ def build_dataset(
             datasets read their prepared five-crop set (``hpseg prepare``) instead of the full
             images; ignored in eval mode and by ``"synthetic"``. ``interpolation``,
             ``aug_on_normalized``: see :class:`SegmentationDataset`. ``"folder"`` also takes
-            ``n_classes``, ``class_names``, ``label_dir``, ``label_suffix``. ``"synthetic"``
+            ``n_classes``, ``class_names``, ``label_dir``, ``label_suffix``, ``max_skipped_fraction``. ``"synthetic"``
             receives every other option with a value (``hpseg.data.synthetic.SyntheticScenes``).
             Options set to None or False that a dataset does not use are ignored; others raise.
     Returns:

@@ -17,6 +17,11 @@ Layout::
   ``max label + 1`` (reads every label once). Without labels it must be given (the number of
   clusters wanted); all labels are then −1.
 * Item names are relative paths without suffix (``street/b``).
+* Every image is checked once when the dataset is built (:func:`hpseg.imaging.check_image_file`:
+  a fast but complete decode, on a few threads): files that cannot be read (truncated, not an
+  image) are left out, listed in :attr:`FolderDataset.skipped` and logged in one line; more than
+  ``max_skipped_fraction`` of the images unreadable is an error. The remaining images keep their
+  sorted order, so data order (and exact resume) is deterministic while the folder is unchanged.
 
 :func:`hpseg.data.build_dataset` uses ``<root>/<split>`` as the folder when that sub-folder
 exists (e.g. ``<root>/train`` and ``<root>/val``), and ``<root>`` otherwise.
@@ -24,11 +29,15 @@ exists (e.g. ``<root>/train`` and ``<root>/val``), and ``<root>`` otherwise.
 
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from hpseg.config import DataConfig
 from hpseg.data.common import (
     DOCS_HINT,
     SegmentationDataset,
@@ -37,9 +46,32 @@ from hpseg.data.common import (
     read_label_png,
 )
 from hpseg.errors import HPSegError
-from hpseg.imaging import IMAGE_EXTENSIONS, find_images
+from hpseg.imaging import IMAGE_EXTENSIONS, check_image_file, find_images
+
+log = logging.getLogger(__name__)
 
 LABEL_IGNORE = 255
+# verdicts of check_image_file by (path, size, mtime): a folder read as train and val set is checked once
+_CHECKED: dict[tuple[str, int, int], str | None] = {}
+
+
+def _check(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = check_image_file(path)
+    return _CHECKED[key]
+
+
+def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
+    """``(file, reason)`` for each of ``files`` that cannot be decoded, in the order given."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes without holding the GIL
+        verdicts = list(pool.map(_check, files))
+    return [(f, v) for f, v in zip(files, verdicts) if v is not None]
 
 
 class FolderDataset(SegmentationDataset):
@@ -54,6 +86,8 @@ class FolderDataset(SegmentationDataset):
         label_dir: folder of label maps (default ``<root>/labels`` when it exists).
         label_suffix: appended to the image's relative path without its extension to name its
             label (default ``".png"``; e.g. ``"_mask.png"``; a bare ``"png"`` means ``".png"``).
+        max_skipped_fraction: the largest fraction of unreadable images left out before the
+            folder is refused (``data.max_skipped_fraction``).
         interpolation, aug_on_normalized: see :class:`SegmentationDataset`.
     """
 
@@ -66,6 +100,7 @@ class FolderDataset(SegmentationDataset):
         class_names: list[str] | None = None,
         label_dir: str | Path | None = None,
         label_suffix: str = ".png",
+        max_skipped_fraction: float = DataConfig.max_skipped_fraction,
         *,
         interpolation: str = "bilinear",
         aug_on_normalized: bool = False,
@@ -95,6 +130,8 @@ class FolderDataset(SegmentationDataset):
                 f"no images found under {self.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}): "
                 "point data.root at a folder of images"
             )
+        #: ``(file, reason)`` of the images left out because they cannot be read
+        self.skipped: list[tuple[Path, str]] = self._leave_out_unreadable(max_skipped_fraction)
         self.ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.image_files]
         self.label_files: list[Path] | None = None
         if self.label_dir is not None:
@@ -127,6 +164,26 @@ class FolderDataset(SegmentationDataset):
                 f"{len(class_names)} class names given for {n_classes} classes: give exactly one name per class"
             )
         self.class_names = [str(c) for c in class_names]
+
+    def _leave_out_unreadable(self, max_fraction: float) -> list[tuple[Path, str]]:
+        """Drop unreadable images from ``image_files`` (module docstring); their list."""
+        found = len(self.image_files)
+        bad = unreadable_images(self.image_files)
+        if not bad:
+            return []
+        first = f"{bad[0][0].relative_to(self.root)} ({bad[0][1]})"
+        if len(bad) == found or len(bad) > max_fraction * found:
+            raise HPSegError(
+                f"{len(bad)} of {found} images under {self.root} cannot be read (first: {first}), more than "
+                f"data.max_skipped_fraction={max_fraction:g} allows: repair or remove them, or raise "
+                "data.max_skipped_fraction"
+            )
+        names = ", ".join(str(p.relative_to(self.root)) for p, _ in bad[:3]) + (", …" if len(bad) > 3 else "")
+        log.warning("leaving out %d of %d images under %s that cannot be read: %s", len(bad), found, self.root,
+                    names)
+        left_out = {p for p, _ in bad}
+        self.image_files = [p for p in self.image_files if p not in left_out]
+        return bad
 
     @property
     def has_labels(self) -> bool:
