@@ -1,10 +1,10 @@
 """The timm ``Eva`` family: DINOv3 (RoPE, 4 storage tokens, patch 16) and the other rotary ViTs
 timm builds on ``Eva`` (EVA-02, ``vit_*_rope_*``) — and Meta's official DINOv3 weight layout.
 
-The last block's attention logits are formed exactly as ``EvaAttention.forward`` forms them:
-``norm1``, the fused ``qkv`` projection with its separate q/v biases (or the split q/k
-projections), ``q_norm``/``k_norm``, then the block's rotary table applied to the patch tokens
-only (prefix tokens are not rotated), scaled by ``head_dim^-0.5``. The RoPE table follows the
+The last block's attention logits are formed exactly as ``EvaAttention.forward`` (and
+``AttentionRope.forward``) form them: ``norm1``, the fused ``qkv`` projection with its separate
+q/v biases (or the split q/k projections), ``q_norm``/``k_norm``, then the block's rotary table
+applied to the patch tokens only (prefix tokens are not rotated), scaled by ``head_dim^-0.5``. The RoPE table follows the
 input grid (``rope.get_embed(shape=(h, w))``, coordinates normalised per axis), so any
 ``H × W`` multiple of the patch works, square or not.
 """
@@ -28,13 +28,15 @@ __all__ = ["TimmEva", "prepare_dinov3_state_dict"]
 
 
 class TimmEva(Backbone):
-    """timm ``Eva`` (pre-norm ``EvaBlock`` with ``EvaAttention``): DINOv3, EVA-02, RoPE ViTs."""
+    """timm ``Eva`` (pre-norm ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``): DINOv3,
+    EVA-02, RoPE ViTs (mixed RoPE included)."""
 
     family = "timm-eva"
     covers = "timm Eva (DINOv3, EVA-02 and the other RoPE ViTs)"
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
+        from timm.layers import AttentionRope
         from timm.models.eva import Eva, EvaAttention, EvaBlock
 
         blocks: Any = getattr(model, "blocks", None)
@@ -42,7 +44,7 @@ class TimmEva(Backbone):
             isinstance(model, Eva)
             and blocks is not None
             and len(blocks) > 0
-            and all(type(b) is EvaBlock and isinstance(b.attn, EvaAttention) for b in blocks)
+            and all(type(b) is EvaBlock and isinstance(b.attn, (EvaAttention, AttentionRope)) for b in blocks)
         )
 
     def __init__(self, vit: nn.Module, name: str) -> None:
@@ -78,14 +80,15 @@ class TimmEva(Backbone):
         y = block.norm1(x)
         b, t, _ = y.shape
         if attn.qkv is not None:
-            bias = None
-            if attn.q_bias is not None:
-                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = F.linear(y, attn.qkv.weight, bias).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            if getattr(attn, "q_bias", None) is not None:  # EvaAttention: q/v biases, k bias fixed at 0
+                qkv = F.linear(y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+            else:
+                qkv = attn.qkv(y)
+            qkv = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k = qkv[0], qkv[1]
         else:
             q = attn.q_proj(y).reshape(b, t, attn.num_heads, -1).transpose(1, 2)
-            k = attn.k_proj(y).reshape(b, t, attn.num_heads, -1).transpose(1, 2)
+            k = attn.k_proj(y).reshape(b, t, int(getattr(attn, "num_kv_heads", attn.num_heads)), -1).transpose(1, 2)
         q, k = attn.q_norm(q), attn.k_norm(k)
         rope = self._rope(self.depth - 1, extra)
         if rope is not None:
@@ -93,6 +96,9 @@ class TimmEva(Backbone):
             half = bool(getattr(attn, "rotate_half", False))
             q = torch.cat((q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], rope, half=half)), dim=2).type_as(q)
             k = torch.cat((k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], rope, half=half)), dim=2).type_as(k)
+        groups = int(getattr(attn, "num_kv_groups", 1))
+        if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
+            k = k.repeat_interleave(groups, dim=1)
         return q, k, float(attn.scale)
 
 

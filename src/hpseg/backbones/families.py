@@ -60,9 +60,15 @@ def timm_model(name: str, *, pretrained: bool, **kwargs: Any) -> Any:
     """``timm.create_model`` with a dynamic image size and no classifier; short names resolved."""
     import timm
 
-    return timm.create_model(
-        resolve_timm_name(name), pretrained=pretrained, dynamic_img_size=True, num_classes=0, **kwargs
-    )
+    try:
+        return timm.create_model(
+            resolve_timm_name(name), pretrained=pretrained, dynamic_img_size=True, num_classes=0, **kwargs
+        )
+    except TypeError as exc:  # e.g. a CNN: no dynamic_img_size
+        raise HPSegError(
+            f"backbone {name!r} cannot be built as a ViT with a dynamic image size ({exc}): pick a ViT with a "
+            f"CLS token from the supported families ({supported_families()})"
+        ) from exc
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
