@@ -137,3 +137,58 @@ def test_folder_preset_trains_hp_on_a_small_folder(tmp_path, tiny_backbone_file,
     assert all(0 < v["val"]["diagnostics"]["positives_per_anchor"] for v in validations)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "counting: global" in saved and "holdout: 0.2" in saved
+
+
+def test_evaluate_baseline_without_labels_gives_a_label_free_verdict(trained, tmp_path, capsys) -> None:
+    """HP beside k-means on the held-out images: figures in results.json, the printed summary
+    and the report, HP-vs-k-means pictures, no empty baseline, no internal warning."""
+    _, _, run = trained
+    out = tmp_path / "verdict"
+    assert main(["evaluate", str(run), "--baseline", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "labelled pixel" not in captured.err
+    assert "C=3 classes" not in captured.out and "hungarian" not in captured.out  # protocol: only what applies
+    assert "flip stability" in captured.out and "HP vs k-means" in captured.out
+    doc = json.loads((out / "results.json").read_text())
+    assert "baseline" not in doc and doc["protocol"]["split"].startswith("held-out")
+    held_out = doc["protocol"]["n_images"]
+    assert 1 <= held_out < N_IMAGES  # evaluated on images not trained on
+    figures = doc["label_free"]
+    assert set(figures["methods"]) == {"HP", "k-means"} and figures["n_images"] == held_out
+    for method in figures["methods"].values():
+        assert 0 <= method["flip_stability"] <= 100 and 0 <= method["photometric_stability"] <= 100
+        assert 0 <= method["cluster_entropy"] <= 1 and method["empty_clusters"] >= 0
+    assert 0 <= figures["agreement"]["nmi"] <= 1 and figures["agreement"]["methods"] == ["HP", "k-means"]
+    assert doc["gallery"] and all((out / row["kmeans"]).is_file() for row in doc["gallery"])
+    assert (out / "predictions.png").is_file()
+    page = re.sub(r'src="data:[^"]*"', "", (out / "report.html").read_text())
+    assert "Label-free verdict" in page and "k-means (frozen backbone)" in page and "higher is better" in page
+    assert "<td>matching</td>" not in page and "<td>n_classes</td>" not in page
+
+
+def test_baseline_without_labels_prints_the_label_free_figures_of_kmeans(trained, tiny_backbone_file, capsys) -> None:
+    _, photos, _ = trained
+    assert main(["baseline", "--preset", "folder", f"data.root={photos}", "data.n_classes=3", "data.resolution=32",
+                 "data.eval_resolution=32", "data.num_workers=0", "backbone=dino_vits8",
+                 f"weights={tiny_backbone_file}", "train.progress=false"]) == 0
+    captured = capsys.readouterr()
+    assert "labelled pixel" not in captured.err and "Traceback" not in captured.err
+    assert "n/a" not in captured.out and "k-means" in captured.out and "flip stability" in captured.out
+    assert "NO LABELS" in captured.out and "C=3" not in captured.out
+
+
+def test_label_free_report_renders_in_headless_chromium(trained, tmp_path, capsys) -> None:
+    from test_report import _chromium, _run_chromium
+
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium not found: install Debian's chromium package: apt-get install chromium")
+    _, _, run = trained
+    out = tmp_path / "verdict"
+    assert main(["evaluate", str(run), "--baseline", "--out", str(out)]) == 0
+    page = out / "report.html"
+    dom = _run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    loaded = re.search(r'data-images="(\d+)/(\d+)"', dom.stdout)
+    assert loaded and loaded.group(1) == loaded.group(2) and int(loaded.group(2)) > 0
+    assert '<table class="labelfree"' in dom.stdout

@@ -56,7 +56,7 @@ LAYERS = {
     "data and files": ["data", "checkpoint", "results", "viz"],
     "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
     "presentation": ["report", "compare"],
-    "entry": ["pipeline", "demo"],
+    "entry": ["pipeline", "demo", "sweep"],
     "commands": ["cli", "__main__"],
 }
 

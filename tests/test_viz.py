@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from hpseg.viz import (
@@ -54,3 +55,23 @@ def test_figures_are_written(tmp_path):
     for name in ("g.png", "c.png"):
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
+
+
+@pytest.mark.parametrize("n_columns, names", [
+    (2, [f"cluster {k} → a rather long class name" for k in range(6)]),  # wider than two columns
+    (4, ["sky", "sea"]),
+    (2, [f"c{k}" for k in range(27)]),
+])
+def test_gallery_legend_is_never_cut(n_columns, names) -> None:
+    rng = np.random.default_rng(0)
+    rows = [{f"k{c}": rng.integers(0, len(names), (8, 8)) for c in range(n_columns)} for _ in range(2)]
+    fig = gallery_figure(rows, [(f"k{c}", f"column {c}") for c in range(n_columns)], names)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box, frame = legend.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= frame.x0 - 0.5 and box.x1 <= frame.x1 + 0.5 and box.y0 >= frame.y0 - 0.5
+    lowest_axes = min(ax.get_window_extent(renderer).y0 for ax in fig.axes)
+    assert box.y1 <= lowest_axes + 0.5  # the legend does not cover the pictures
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[: len(names)] == names

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EvalOutput",
+    "LabelFreeOutput",
+    "Predictor",
     "evaluate_model",
+    "hp_predictor",
     "kmeans",
     "kmeans_baseline",
+    "kmeans_centroids",
+    "kmeans_predictor",
+    "label_free_evaluation",
     "write_results",
 ]
 
@@ -204,6 +211,37 @@ def patch_sample(encode: Any, loader: DataLoader, runtime: Runtime, *, max_patch
     return x
 
 
+#: ``predict(images (B,3,H,W), size) -> (B, *size)`` cluster ids: one segmentation method
+Predictor = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+def hp_predictor(model: HPModel) -> Predictor:
+    """The HP cluster probe's argmax (:meth:`HPModel.scores`) as a :data:`Predictor`."""
+    return lambda images, size: model.scores(images, size)["cluster"].argmax(1)
+
+
+@torch.no_grad()
+def kmeans_centroids(backbone: Backbone, train_loader: DataLoader, runtime: Runtime, *, n_clusters: int,
+                     seed: int = 0, max_patches: int = 100_000) -> torch.Tensor:
+    """Spherical k-means centroids ``(K, F)`` of (a sample of) the frozen backbone's patch
+    features over ``train_loader``, on the runtime's device."""
+    x = patch_sample(backbone.features, train_loader, runtime, max_patches=max_patches, seed=seed)
+    return kmeans(x, n_clusters, seed=seed).to(runtime.device)
+
+
+def kmeans_predictor(backbone: Backbone, centroids: torch.Tensor) -> Predictor:
+    """k-means on the frozen backbone as a :data:`Predictor`: each patch takes its nearest
+    centroid by cosine similarity, the similarity maps upsampled bilinearly to ``size`` (as the
+    HP cluster probe's code is) before the argmax."""
+
+    def predict(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        feats = backbone.features(images)
+        sim = torch.einsum("bfhw,kf->bkhw", F.normalize(feats.float(), dim=1), centroids.float())
+        return F.interpolate(sim, size=size, mode="bilinear", align_corners=False).argmax(1)
+
+    return predict
+
+
 @torch.no_grad()
 def kmeans_baseline(
     backbone: Backbone,
@@ -220,21 +258,20 @@ def kmeans_baseline(
 ) -> EvalOutput:
     """k-means on the frozen backbone's patch features, scored like the cluster probe.
 
-    Centroids are fitted on (a sample of) training-image patches; each validation patch takes
-    its nearest centroid by cosine similarity, the similarity maps are upsampled bilinearly to
-    the label size (as the HP cluster probe's code is), and the argmax is matched to classes.
+    Centroids are fitted on (a sample of) training-image patches (:func:`kmeans_centroids`);
+    validation patches take their nearest centroid (:func:`kmeans_predictor`) and the argmax is
+    matched to classes. Needs labelled validation images.
     """
-    x = patch_sample(backbone.features, train_loader, runtime, max_patches=max_train_patches, seed=seed)
-    centroids = kmeans(x, n_clusters, seed=seed).to(runtime.device)
+    centroids = kmeans_centroids(backbone, train_loader, runtime, n_clusters=n_clusters, seed=seed,
+                                 max_patches=max_train_patches)
+    predict = kmeans_predictor(backbone, centroids)
     meter = SegmentationMetrics(n_classes, n_clusters=n_clusters, matching=matching)
     raw: list[np.ndarray] = []
     n_images = 0
     for batch in val_loader:
         images, label = batch["img"].to(runtime.device), batch["label"].to(runtime.device)
         with runtime.autocast():
-            feats = backbone.features(images)
-        sim = torch.einsum("bfhw,kf->bkhw", F.normalize(feats.float(), dim=1), centroids)
-        pred = F.interpolate(sim, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)
+            pred = predict(images, (int(label.shape[-2]), int(label.shape[-1])))
         meter.update(pred, label)
         n_images += images.shape[0]
         raw += [p.cpu().numpy() for p in pred[: max(0, n_gallery - len(raw))]]
@@ -243,6 +280,92 @@ def kmeans_baseline(
     score = HeadScore(float(res["accuracy"]), float(res["miou"]), [float(v) for v in res["iou"]], assignment)
     gallery = [{"unsupervised": np.asarray(assignment)[r]} for r in raw]
     return EvalOutput({"unsupervised": score}, {"unsupervised": res["confusion"].cpu()}, n_images, True, gallery)
+
+
+# ------------------------------------------------------------------------------------------
+# label-free figures (hpseg.label_free): no labels needed
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelFreeOutput:
+    """Label-free figures per method (and their agreement) and the gallery's cluster maps.
+
+    ``figures``: ``{"methods": {name: {"flip_stability", "photometric_stability",
+    "boundary_edge_precision", "cluster_entropy", "empty_clusters"}}, "boundary_edge_chance",
+    "agreement": {"methods": [a, b], "nmi", "ari"} (two methods), "n_images"}``.
+    ``gallery``: per image of the first ``n_gallery``, ``{name: (H, W) cluster ids}``; the second
+    method's ids are mapped onto the first's (one-to-one by overlap) so that colours correspond.
+    """
+
+    figures: dict[str, Any]
+    gallery: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+class _MethodMeters:
+    def __init__(self, k: int) -> None:
+        from hpseg.label_free import BoundaryMeter, StabilityMeter
+
+        self.flip, self.photo, self.boundary = StabilityMeter(k), StabilityMeter(k), BoundaryMeter()
+        self.pixels = torch.zeros(k, dtype=torch.long)
+
+    def result(self) -> dict[str, Any]:
+        from hpseg.diagnostics import cluster_usage
+
+        figures: dict[str, Any] = {"flip_stability": self.flip.result(), "photometric_stability": self.photo.result(),
+                                   "boundary_edge_precision": self.boundary.result()[0], **cluster_usage(self.pixels)}
+        return {k: v for k, v in figures.items() if v is not None}
+
+
+@torch.no_grad()
+def label_free_evaluation(predictors: dict[str, tuple[Predictor, int]], loader: DataLoader, runtime: Runtime, *,
+                          n_gallery: int = 0) -> LabelFreeOutput:
+    """The label-free figures (:mod:`hpseg.label_free`) of each method ``name → (predictor, K)``
+    on ``loader``'s images (held-out images, so that nothing was fitted on them): stability under
+    a horizontal flip and under :func:`~hpseg.label_free.photometric_change`, the share of segment
+    boundaries on strong image edges, cluster balance, and the agreement of the first two methods."""
+    from hpseg.label_free import AgreementMeter, edge_map, match_clusters, photometric_change
+
+    names = list(predictors)
+    meters = {n: _MethodMeters(k) for n, (_, k) in predictors.items()}
+    agreement = AgreementMeter(predictors[names[0]][1], predictors[names[1]][1]) if len(names) > 1 else None
+    gallery: list[dict[str, np.ndarray]] = []
+    n_images = 0
+    for batch in loader:
+        images = batch["img"].to(runtime.device)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        edges = edge_map(images)
+        preds = {}
+        for name, (predict, _) in predictors.items():
+            with runtime.autocast():
+                pred = predict(images, size)
+                flipped = predict(images.flip(-1), size).flip(-1)
+                changed = predict(photometric_change(images), size)
+            m = meters[name]
+            m.flip.update(pred, flipped)
+            m.photo.update(pred, changed)
+            m.boundary.update(pred, edges)
+            m.pixels += torch.bincount(pred.flatten().cpu(), minlength=len(m.pixels))
+            preds[name] = pred
+        if agreement is not None:
+            agreement.update(preds[names[0]], preds[names[1]])
+        for i in range(min(images.shape[0], n_gallery - len(gallery))):
+            gallery.append({"image": to_uint8_hwc(images[i]), **{n: p[i].cpu().numpy() for n, p in preds.items()}})
+        n_images += images.shape[0]
+    if n_images == 0:
+        from hpseg.errors import HPSegError
+
+        raise HPSegError("the evaluation set is empty: check data.val_split, data.holdout and data.max_val_images")
+    figures: dict[str, Any] = {"methods": {n: m.result() for n, m in meters.items()}, "n_images": n_images}
+    chance = meters[names[0]].boundary.result()[1]
+    if chance is not None:
+        figures["boundary_edge_chance"] = chance
+    if agreement is not None:
+        figures["agreement"] = {"methods": names[:2], **agreement.result()}
+        mapping = match_clusters(agreement.contingency())
+        for row in gallery:
+            row[names[1]] = mapping[row[names[1]]]
+    return LabelFreeOutput(figures, gallery)
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,6 +388,8 @@ def write_results(out_dir: Path, results: Results, output: EvalOutput) -> Path:
         labelled = output.labelled
         label_names = names if labelled else _cluster_label_names(results)
         columns = _GALLERY_COLUMNS if labelled else [("image", "image"), ("unsupervised", "HP clusters")]
+        if all("kmeans" in row for row in output.gallery):  # k-means beside HP, in HP's colours
+            columns = [*columns, ("kmeans", "k-means (frozen backbone)")]
         save_figure(gallery_figure(output.gallery, columns, label_names), out_dir / "predictions.png", dpi=100)
         results.gallery = []
         for i, row in enumerate(output.gallery):

@@ -37,8 +37,14 @@ from hpseg.diagnostics import cluster_usage, hidden_positive_diagnostics
 from hpseg.errors import HPSegError
 from hpseg.evaluate import (
     EvalOutput,
+    LabelFreeOutput,
+    Predictor,
     evaluate_model,
+    hp_predictor,
     kmeans_baseline,
+    kmeans_centroids,
+    kmeans_predictor,
+    label_free_evaluation,
     patch_sample,
 )
 from hpseg.io import atomic_write_text, file_sha256
@@ -197,10 +203,13 @@ def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:
 def protocol_for(cfg: Config, runtime: Runtime, output: EvalOutput, *, n_clusters: int, n_classes: int,
                  backbone: str, checkpoint: Path | None, cluster_probe: str = "online") -> Protocol:
     """The protocol block of an evaluation of ``cfg``'s validation data."""
+    matching = (f"{cfg.eval.matching} (cluster probe; unmatched clusters count as errors); linear probe unmatched"
+                if output.labelled else "none (no labels)")
+    split = f"held-out {cfg.data.holdout:.0%} of the folder" if _holds_out(cfg) else cfg.data.val_split
     return Protocol(
-        dataset=cfg.data.dataset, split=cfg.data.val_split, n_images=output.n_images,
+        dataset=cfg.data.dataset, split=split, n_images=output.n_images,
         eval_resolution=cfg.data.eval_resolution, crf=cfg.eval.crf, n_clusters=n_clusters, n_classes=n_classes,
-        matching=f"{cfg.eval.matching} (cluster probe; unmatched clusters count as errors); linear probe unmatched",
+        matching=matching,
         backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_sha256=file_sha256(checkpoint) if checkpoint and checkpoint.is_file() else None,
         precision=runtime.precision, cluster_probe=cluster_probe, labelled=output.labelled,
@@ -391,6 +400,13 @@ def evaluate_checkpoint(
                       cluster_names=model.cluster_names)
     if baseline and output.labelled:
         results.baseline = baseline_for(cfg, model.backbone, model.n_clusters, runtime).metrics
+    if not output.labelled:  # the label-free verdict: HP (and k-means) on the held-out images
+        verdict = label_free_for(cfg, model, model.backbone, model.n_clusters, runtime, with_kmeans=baseline,
+                                 n_gallery=len(output.gallery))
+        results.label_free = verdict.figures
+        for row, extra in zip(output.gallery, verdict.gallery):
+            if "k-means" in extra:
+                row["kmeans"] = extra["k-means"]
     if out_dir is not None:
         from hpseg.evaluate import write_results
         from hpseg.report import write_report
@@ -462,6 +478,20 @@ def baseline_for(cfg: Config, backbone: Backbone, n_clusters: int, runtime: Runt
                            matching=cfg.eval.matching, seed=cfg.train.seed, n_gallery=n_gallery)
 
 
+def label_free_for(cfg: Config, model: HPModel | None, backbone: Backbone, n_clusters: int, runtime: Runtime, *,
+                   with_kmeans: bool, n_gallery: int = 0) -> LabelFreeOutput:
+    """The label-free figures of HP (``model``) and/or k-means with ``n_clusters`` on the frozen
+    ``backbone`` (fitted on the training images) on the validation (held-out) images."""
+    predictors: dict[str, tuple[Predictor, int]] = {}
+    if model is not None:
+        predictors["HP"] = (hp_predictor(model), model.n_clusters)
+    if with_kmeans:
+        centroids = kmeans_centroids(backbone, eval_loader(_baseline_train_set(cfg), cfg), runtime,
+                                     n_clusters=n_clusters, seed=cfg.train.seed)
+        predictors["k-means"] = (kmeans_predictor(backbone, centroids), n_clusters)
+    return label_free_evaluation(predictors, eval_loader(build_val_set(cfg), cfg), runtime, n_gallery=n_gallery)
+
+
 def run_baseline(preset: str | None, overrides: list[str]) -> Results:
     """``hpseg baseline``: k-means on the configured backbone's features, with the HP protocol."""
     cfg = build_config(preset, overrides)
@@ -471,6 +501,12 @@ def run_baseline(preset: str | None, overrides: list[str]) -> Results:
     val_set = build_val_set(cfg)
     n_classes, class_names = int(val_set.n_classes), list(val_set.class_names)  # type: ignore[attr-defined]
     k = cfg.model.n_clusters or n_classes
+    if not getattr(val_set, "has_labels", True):  # nothing to score: the label-free figures of k-means
+        verdict = label_free_for(cfg, None, backbone, k, runtime, with_kmeans=True)
+        protocol = protocol_for(cfg, runtime, EvalOutput({}, {}, int(verdict.figures["n_images"]), labelled=False),
+                                n_clusters=k, n_classes=n_classes, backbone=cfg.model.backbone, checkpoint=None)
+        return Results(protocol, class_names, label_free=verdict.figures,
+                       notes={"method": "k-means on frozen backbone features"})
     output = baseline_for(cfg, backbone, k, runtime)
     protocol = protocol_for(cfg, runtime, output, n_clusters=k, n_classes=n_classes, backbone=cfg.model.backbone,
                             checkpoint=None)

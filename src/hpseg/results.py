@@ -15,6 +15,8 @@ Layout of ``results.json`` (``format: "hpseg-results"``, ``format_version: 1``):
     confusion     {head: (K, C) counts}
     gallery       [{"image": "gallery/0_image.png", "label": …, "unsupervised": …}, …]
     diagnostics   hidden-positive diagnostics and label-free numbers of the evaluated model
+    label_free    label-free figures on held-out images per method ("HP", "k-means") and their
+                  agreement (``hpseg.evaluate.label_free_evaluation``; runs without labels)
     cluster_names names given to the clusters (``hpseg name``), when any
     cluster_gallery [{"cluster": k, "name": …, "strip": "clusters/k.png", "pixels": n}, …]
     notes         anything else (e.g. the demo's wall time)
@@ -33,13 +35,16 @@ from hpseg.errors import HPSegError
 from hpseg.io import atomic_write_text, finite
 
 __all__ = [
+    "AGREEMENT_FIGURES",
     "FORMAT",
+    "LABEL_FREE_FIGURES",
     "HeadScore",
     "Protocol",
     "Results",
     "aggregate_seeds",
     "find_results",
     "format_iou_table",
+    "format_label_free",
     "format_table",
 ]
 
@@ -104,12 +109,12 @@ class Protocol:
         """Two lines printed above every table."""
         crf = "on" if self.crf else "off"
         probe = "" if self.cluster_probe == "online" else f" · cluster probe {self.cluster_probe}"
-        labels = "" if self.labelled else " · NO LABELS"
         checkpoint = f"{len(self.seeds)} seeds" if self.seeds else (self.checkpoint_sha256 or "-")
+        scoring = (f"K={self.n_clusters} clusters, C={self.n_classes} classes · {self.matching} matching{probe}"
+                   if self.labelled else f"K={self.n_clusters} clusters · NO LABELS (nothing matched or scored)")
         return "\n".join([
             f"protocol: {self.dataset} / {self.split} ({self.n_images} images) · eval {self.eval_resolution}px "
-            f"centre crop · CRF {crf} · K={self.n_clusters} clusters, C={self.n_classes} classes · "
-            f"{self.matching} matching{probe}{labels}",
+            f"centre crop · CRF {crf} · {scoring}",
             f"          backbone {self.backbone} · checkpoint {checkpoint} · {self.precision} · "
             f"hpseg {self.hpseg_version} · torch {self.torch_version} · {self.device}",
         ])
@@ -163,9 +168,11 @@ class Results:
     cluster_names: list[str] | None = None
     cluster_gallery: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    label_free: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON document; ``baseline`` and ``label_free`` only when scored."""
+        doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "protocol": self.protocol.to_dict(),
@@ -179,7 +186,9 @@ class Results:
             "cluster_names": self.cluster_names,
             "cluster_gallery": self.cluster_gallery,
             "notes": self.notes,
+            "label_free": self.label_free,
         }
+        return {k: v for k, v in doc.items() if v or k not in ("baseline", "label_free")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Results:
@@ -199,6 +208,7 @@ class Results:
             cluster_names=data.get("cluster_names"),
             cluster_gallery=list(data.get("cluster_gallery") or []),
             notes=dict(data.get("notes") or {}),
+            label_free=dict(data.get("label_free") or {}),
         )
 
     def write(self, path: str | Path) -> Path:
@@ -229,7 +239,9 @@ class Results:
         """The protocol block and the table (what ``hpseg evaluate`` prints)."""
         lines = [self.protocol.describe(), ""]
         if not self.protocol.labelled:
-            lines.append("no labels to score against: predictions, cluster gallery and diagnostics only")
+            lines.append("no labels to score against: predictions, cluster gallery, label-free figures and diagnostics")
+            if self.label_free:
+                lines += ["", format_label_free(self.label_free)]
         elif self.seeds:
             per_seed = {f"{h} [{n}]": s for n, m in self.seeds.items() for h, s in m.items()}
             lines.append(format_table({**per_seed, **{f"{h} [mean ± std]": s for h, s in self.rows().items()}}))
@@ -270,6 +282,61 @@ def format_diagnostics(diagnostics: dict[str, Any]) -> str:
         else:
             parts.append(f"{key} {value:.2f}")
     return "diagnostics: " + (" · ".join(parts) if parts else "none")
+
+
+#: label-free figures: (key, title, what it means and which direction is better), in display order
+LABEL_FREE_FIGURES = (
+    ("flip_stability", "flip stability %",
+     "mean IoU over clusters between the segmentation of an image and that of its mirror image flipped back; "
+     "higher is better (segments follow the content, not the position)"),
+    ("photometric_stability", "photometric stability %",
+     "the same under a fixed change of brightness, contrast and saturation; higher is better (segments follow "
+     "objects, not lighting)"),
+    ("boundary_edge_precision", "boundaries on image edges %",
+     "share of segment boundary pixels within one pixel of the image's strongest edges; higher is better "
+     "(boundaries drawn at random score the chance level given below)"),
+    ("cluster_entropy", "cluster balance",
+     "entropy of the cluster sizes divided by log K: 1 = all K clusters equally large, 0 = one cluster covers "
+     "everything; not a goal in itself, but far below k-means' value signals clusters collapsing"),
+    ("empty_clusters", "empty clusters",
+     "clusters that no pixel of these images takes; lower is better (more than 0: fewer segments than K)"),
+)
+#: the agreement of two methods: (key, title, meaning)
+AGREEMENT_FIGURES = (
+    ("nmi", "agreement, NMI",
+     "normalised mutual information between the two segmentations (0-1; ids need not match): neither direction "
+     "is better — near 1 the method kept k-means' clusters, lower means it reorganised them"),
+    ("ari", "agreement, ARI",
+     "adjusted Rand index of the same pair (1 identical, about 0 unrelated); read like the NMI"),
+)
+
+
+def format_label_free(label_free: dict[str, Any]) -> str:
+    """The label-free figures as a plain-text table: one row per figure, one column per method."""
+    methods: dict[str, dict[str, Any]] = label_free.get("methods") or {}
+    names = list(methods)
+    lines = [f"label-free figures on {label_free.get('n_images', '?')} held-out images (higher is better "
+             "unless noted; see the report for what each means)",
+             f"{'figure':<30}" + "".join(f"{n:>14}" for n in names), "-" * (30 + 14 * len(names))]
+    for key, title, _ in LABEL_FREE_FIGURES:
+        cells = [methods[n].get(key) for n in names]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"{title:<30}" + "".join(f"{'n/a' if c is None else _figure(key, c):>14}" for c in cells))
+    if "boundary_edge_chance" in label_free:
+        lines.append(f"{'  (chance level of boundaries)':<30}{label_free['boundary_edge_chance']:>14.1f}")
+    pair = label_free.get("agreement") or {}
+    if pair:
+        a, b = (pair.get("methods") or ["?", "?"])[:2]
+        lines.append(f"{a} vs {b}: " + " · ".join(f"{title} {pair[key]:.3f}" for key, title, _ in AGREEMENT_FIGURES
+                                                   if isinstance(pair.get(key), (int, float))))
+    return "\n".join(lines)
+
+
+def _figure(key: str, value: Any) -> str:
+    if isinstance(value, int) or key == "empty_clusters":
+        return str(int(value))
+    return f"{value:.3f}" if key == "cluster_entropy" else f"{value:.1f}"
 
 
 def aggregate_seeds(per_seed: dict[str, dict[str, HeadScore]]) -> dict[str, HeadScore]:

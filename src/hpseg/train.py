@@ -480,9 +480,7 @@ def fit(
             epoch, batches = data.epoch(state.iteration)
             for batch in batches:
                 it = state.iteration
-                i = it - epoch * per_epoch  # batch index within the epoch (the authors' count)
-                if train.counting == "global":  # short epochs (small folders): count the run's iterations
-                    i = it
+                i = it if train.counting == "global" else it - epoch * per_epoch  # authors: within the epoch
                 if i % loss.renew_interval == 0 and i != 0:
                     pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)

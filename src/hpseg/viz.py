@@ -206,7 +206,8 @@ def gallery_figure(
     ``subtitles`` adds a second title line per column (e.g. a score).
     """
     n = len(names)
-    fig = new_figure(2.2 * len(columns), 2.2 * len(rows) + 0.9)
+    width, height = 2.2 * len(columns), 2.2 * len(rows) + 0.4
+    fig = new_figure(width, height)
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, row in enumerate(rows):
         for c, (key, title) in enumerate(columns):
@@ -218,9 +219,28 @@ def gallery_figure(
             if r == 0:
                 sub = (subtitles or {}).get(key)
                 ax.set_title(title + (f"\n{sub}" if sub else ""), fontsize=9)
-    fig.legend(handles=_legend_handles(names), loc="lower center", ncol=min(6, n + 1), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _legend_below(fig, _legend_handles(names), width, height)
     return fig
+
+
+def _legend_below(fig: Any, handles: list[Any], width: float, height: float) -> None:
+    """A legend under the axes, never cut: as many columns as fit the figure's width (the figure
+    widens when even one column does not), the figure grown by the legend's height."""
+    renderer = fig.canvas.get_renderer()
+    ncol = min(6, len(handles))
+    while True:
+        legend = fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False,
+                            bbox_to_anchor=(0.5, 0.0))
+        box = legend.get_window_extent(renderer)
+        w_in, h_in = box.width / fig.dpi, box.height / fig.dpi
+        if w_in <= width - 0.2 or ncol == 1:
+            break
+        legend.remove()
+        ncol -= 1
+    width = max(width, w_in + 0.3)
+    total = height + h_in + 0.1
+    fig.set_size_inches(width, total)
+    fig.tight_layout(rect=(0, (h_in + 0.1) / total, 1, 1))
 
 
 def confusion_figure(
@@ -289,6 +309,10 @@ def training_curve_figure(rows: Sequence[dict[str, Any]]) -> Any:
             axes[1].plot(*zip(*pts), marker="o", label=label)
     axes[1].set_ylabel("%")
     axes[1].set_title("validation")
+    if not axes[1].get_lines():  # nothing scored: say why instead of an empty panel
+        axes[1].text(0.5, 0.5, "no labelled validation images:\nno mIoU to plot.\nLabel-free figures (stability,\n"
+                     "balance, HP vs k-means):\nhpseg evaluate RUN --baseline", ha="center", va="center",
+                     transform=axes[1].transAxes, fontsize=9, color="0.35")
     for key in _DIAGNOSTIC_KEYS:
         pts = [(r["iteration"], v) for r in val_rows if (v := _val_value(r, f"diagnostics.{key}")) is not None]
         if pts:
