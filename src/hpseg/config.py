@@ -116,6 +116,7 @@ class TrainConfig:
     counting: str = "epoch"  # epoch: renew/validate on the batch index within the epoch (authors); global
     valid_images: int | None = None  # validation images used during training (None: all)
     auto_schedule: bool = True  # folder datasets: fit warm-up, renewal, validation to the run (hpseg.schedule)
+    deterministic: bool = True  # bit-identical reruns and resumes on one GPU (deterministic kernels; README)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,15 @@ from torch import nn
 from hpseg.config import ModelConfig
 from hpseg.errors import HPSegError
 
-__all__ = ["ClusterProbe", "EMAHead", "LinearProbe", "ProjectionHead", "SegmentationHead"]
+__all__ = [
+    "ClusterProbe",
+    "EMAHead",
+    "LinearProbe",
+    "ProjectionHead",
+    "SegmentationHead",
+    "probe_cross_entropy",
+    "upsample_bilinear",
+]
 
 
 def _nonlinear(in_dim: int, dim: int) -> nn.Sequential:
@@ -143,3 +152,41 @@ class ClusterProbe(nn.Module):
                 raise HPSegError("log_probs=True needs a temperature alpha")
             return loss, torch.log_softmax(cos * alpha, dim=1)
         return loss, probs
+
+
+def _bilinear_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """``(size_out, size_in)`` weights of bilinear resizing along one axis, as
+    ``F.interpolate(mode="bilinear", align_corners=False)`` computes them."""
+    scale = float(np.float32(size_in) / np.float32(size_out))  # in float32, as interpolate computes it
+    src = ((torch.arange(size_out, dtype=torch.float32, device=device) + 0.5) * scale - 0.5).clamp_min(0.0)
+    low = src.floor().to(torch.int64).clamp_max(size_in - 1)
+    high = (low + 1).clamp_max(size_in - 1)
+    frac = src - low
+    rows = torch.arange(size_out, device=device)
+    out = torch.zeros(size_out, size_in, device=device)
+    out.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    out.index_put_((rows, high), frac, accumulate=True)
+    return out
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, h, w) -> (B, C, H, W)`` bilinear resizing (``align_corners=False``) as two matrix
+    products: the same values as ``F.interpolate`` up to float rounding, and a backward without
+    atomic additions (deterministic on GPUs, where ``interpolate``'s backward is not)."""
+    rows = _bilinear_matrix(x.shape[-2], size[0], x.device).to(x.dtype)
+    cols = _bilinear_matrix(x.shape[-1], size[1], x.device).to(x.dtype)
+    return rows @ x @ cols.t()
+
+
+def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
+
+    Labels < 0 or ≥ C are ignored: the mean over the valid pixels, and 0 (with a graph) when no
+    label is valid, e.g. for unlabelled folders — decided on the device, without reading anything
+    back to the host, and with deterministic kernels only (:func:`upsample_bilinear`, a gather).
+    """
+    n_classes = logits.shape[1]
+    log_p = torch.log_softmax(upsample_bilinear(logits.float(), label.shape[-2:]), dim=1)
+    valid = (label >= 0) & (label < n_classes)
+    nll = -log_p.gather(1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, nll, 0.0).sum() / valid.sum().clamp_min(1)

@@ -50,7 +50,7 @@ from hpseg.evaluate import (
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
 from hpseg.results import Protocol, Results, aggregate_seeds
-from hpseg.runtime import Runtime, seed_everything
+from hpseg.runtime import Runtime, make_deterministic, seed_everything
 from hpseg.train import ReferencePools, fit
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ __all__ = [
 
 def build_runtime(cfg: Config, *, progress: bool | None = None) -> Runtime:
     """The runtime of this process: device (``cuda:<LOCAL_RANK>`` under torchrun), precision,
-    rank/world from torchrun's environment, progress bars."""
+    rank/world from torchrun's environment, progress bars; deterministic kernels when
+    ``train.deterministic`` (before any CUDA work)."""
+    make_deterministic(cfg.train.deterministic)
     return Runtime.create(cfg.train.device, cfg.train.precision, rank=dist.rank(), world_size=dist.world_size(),
                           local_rank=dist.local_rank(), progress=cfg.train.progress if progress is None else progress)
 

@@ -15,12 +15,20 @@ Precision (``train.precision``):
 
 Mixed precision applies to CUDA only: on CPU (and Apple MPS) everything runs in float32, and
 the runtime says so once in the log.
+
+Determinism (``train.deterministic``, default on): :func:`make_deterministic` asks PyTorch for
+deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN without autotuning, cuBLAS
+with a fixed workspace, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``), so two runs — and a killed and
+resumed run — give bit-identical weights on one GPU as they do on CPU. hpseg's own training step
+uses no operation without a deterministic kernel (no atomic float additions in the loss, the
+probes' upsampling as matrix products).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +40,7 @@ from hpseg.errors import HPSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "Runtime", "eval_mode", "resolve_device", "seed_everything"]
+__all__ = ["PRECISIONS", "Runtime", "eval_mode", "make_deterministic", "resolve_device", "seed_everything"]
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 #: the authors' GradScaler settings (run.py)
@@ -146,6 +154,20 @@ class Runtime:
         """``"cuda:0 · fp16"`` (plus the rank when distributed)."""
         where = f" · rank {self.rank}/{self.world_size}" if self.world_size > 1 else ""
         return f"{self.device} · {self.precision}{where}"
+
+
+def make_deterministic(enabled: bool = True) -> None:
+    """Deterministic kernels for this process (see the module docstring); ``False`` restores
+    PyTorch's defaults. Called by the entry layer before the first CUDA matrix product.
+
+    Uninitialised memory is not filled (hpseg never reads it), which keeps ``torch.empty`` free.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.utils.deterministic.fill_uninitialized_memory = not enabled  # type: ignore[attr-defined]
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

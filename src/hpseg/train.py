@@ -38,6 +38,7 @@ from hpseg.checkpointing import Checkpointer, TrainState, stop_on_signals
 from hpseg.config import LossConfig, TrainConfig
 from hpseg.data.sampler import EpochSampler, SeededItems
 from hpseg.errors import HPSegError
+from hpseg.heads import probe_cross_entropy, upsample_bilinear
 from hpseg.hidden_positives import (
     HiddenPositiveLoss,
     consistency_loss,
@@ -57,35 +58,30 @@ __all__ = [
     "ReferencePools",
     "StepOutput",
     "backbone_outputs",
+    "check_finite",
     "fit",
     "flatten_patches",
+    "negatives_seed",
     "probe_cross_entropy",
     "selection_score",
+    "track_finite",
     "train_step",
+    "upsample_bilinear",
 ]
 
 #: validate(model, pools) -> {"unsupervised": …, "linear": …, "diagnostics": …, "labelled": bool}
 Validator = Callable[[HPModel, "ReferencePools"], dict[str, Any]]
 
 
+def negatives_seed(seed: int, rank: int) -> int:
+    """The seed of the loss's negatives draw for process ``rank`` of a run seeded ``seed`` (each
+    rank's images draw their own negatives; the step number is the draw's other key)."""
+    return int(seed) + (int(rank) << 32)
+
+
 def flatten_patches(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, S, S) -> (B·S², C)``, patches of image 0 first (row-major)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
-
-    Labels < 0 or ≥ C are ignored; returns 0 (with a graph) when no label is valid, e.g. for
-    unlabelled folders.
-    """
-    n_classes = logits.shape[1]
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    target = label.clone()
-    target[(target < 0) | (target >= n_classes)] = -1
-    if not bool((target >= 0).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=-1)
 
 
 def selection_score(metrics: dict[str, Any]) -> float:
@@ -136,6 +132,7 @@ class HPObjective(nn.Module):
         pool_specific: torch.Tensor,
         lam: float,
         negative_keep: torch.Tensor | None = None,
+        step: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's total loss and its parts.
 
@@ -147,6 +144,7 @@ class HPObjective(nn.Module):
             pool_agnostic, pool_specific: reference pools ``(P, F)``, ``(P, D)``.
             lam: weight λ of task-specific positives.
             negative_keep: explicit ``(N, N)`` denominator draw (parity tests); None draws.
+            step: the training iteration (the negatives draw is a function of the loss's seed and it).
         """
         code = self.head(feats)  # (B,D,S,S), each branch its own dropout
         with torch.no_grad():
@@ -158,7 +156,7 @@ class HPObjective(nn.Module):
         s = F.normalize(flatten_patches(code_ema).float(), dim=1)  # (N,D)
         loss_hp = self.hp_loss(
             z.float(), z_lhp.float(), f, s, pool_agnostic, pool_specific,
-            num_images=feats.shape[0], lam=lam, negative_keep=negative_keep,
+            num_images=feats.shape[0], lam=lam, step=step, negative_keep=negative_keep,
         )
         if self.alpha > 0:  # photometric consistency (docs/method.md §7); skipped when its weight is 0
             z_aug = self.projection(flatten_patches(self.head(feats_aug)))
@@ -189,11 +187,14 @@ class Optimizers:
 
     def __init__(self, model: HPModel, train: TrainConfig) -> None:
         self.head_params = list(model.head.parameters())
+        # CUDA: fused kernels, which also take the gradient scaler's overflow flag on the device
+        # (no host synchronisation in GradScaler.step); elsewhere PyTorch's default implementation
+        fused = {"fused": True} if self.head_params[0].device.type == "cuda" else {}
         self.all: dict[str, torch.optim.Optimizer] = {
-            "head": torch.optim.AdamW(self.head_params, lr=train.lr_head, weight_decay=train.weight_decay),
-            "projection": torch.optim.Adam(model.projection.parameters(), lr=train.lr_projection),
-            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=train.lr_linear),
-            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=train.lr_cluster),
+            "head": torch.optim.AdamW(self.head_params, lr=train.lr_head, weight_decay=train.weight_decay, **fused),
+            "projection": torch.optim.Adam(model.projection.parameters(), lr=train.lr_projection, **fused),
+            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=train.lr_linear, **fused),
+            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=train.lr_cluster, **fused),
         }
         self.grad_clip = train.grad_clip
 
@@ -201,15 +202,15 @@ class Optimizers:
         for opt in self.all.values():
             opt.zero_grad(set_to_none=True)
 
-    def step(self, scaler: torch.amp.GradScaler) -> float:
+    def step(self, scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Unscale and clip the head's gradients, step every optimiser; returns the head's
-        gradient norm before clipping."""
+        gradient norm before clipping (a 0-dim tensor on the device: nothing is read back)."""
         scaler.unscale_(self.all["head"])
         norm = nn.utils.clip_grad_norm_(self.head_params, self.grad_clip)
         for opt in self.all.values():
             scaler.step(opt)
         scaler.update()
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {name: opt.state_dict() for name, opt in self.all.items()}
@@ -247,11 +248,23 @@ def backbone_outputs(
 
 @dataclass
 class StepOutput:
-    """What one training step reports."""
+    """What one training step reports: 0-dim tensors on the step's device, read (and so
+    synchronised with the device) only when a log line needs them (:meth:`values`)."""
 
-    loss: float
-    parts: dict[str, float]
-    grad_norm: float
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """Whether the loss is finite (a bool tensor; the loop checks it when it logs or saves)."""
+        return torch.isfinite(self.loss)
+
+    def values(self) -> dict[str, float]:
+        """``loss``, the parts and ``grad_norm`` as Python floats (one read from the device)."""
+        names = ["loss", *self.parts, "grad_norm"]
+        flat = torch.stack([self.loss.float(), *(v.float() for v in self.parts.values()), self.grad_norm.float()])
+        return dict(zip(names, flat.tolist()))
 
 
 def train_step(
@@ -265,33 +278,52 @@ def train_step(
     runtime: Runtime,
     *,
     ema_m: float,
+    step: int = 0,
     negative_keep: torch.Tensor | None = None,
 ) -> StepOutput:
     """One HP training step (docs/method.md §7), in the authors' order: frozen backbone, the
     objective's forward, the EMA update (after the forward that used the EMA head, before the
     optimisers move the head), backward, clipping, the four optimiser steps.
 
-    ``step_module`` is the :class:`HPObjective` (or its DistributedDataParallel wrapper).
-
-    Raises:
-        HPSegError: the loss is not finite (checked before anything is updated).
+    ``step_module`` is the :class:`HPObjective` (or its DistributedDataParallel wrapper); ``step``
+    the training iteration (it keys the negatives draw). Nothing is read back to the host: the
+    returned values stay on the device, and the caller checks :attr:`StepOutput.finite` when it
+    logs or saves (:func:`check_finite`), before a non-finite step's weights can be written.
     """
     objective: Any = step_module.module if isinstance(step_module, nn.parallel.DistributedDataParallel) else step_module
     label = batch["label"].to(runtime.device, non_blocking=True)
     feats, attn_logits, feats_aug = backbone_outputs(model, batch, runtime, need_aug=objective.alpha > 0)
     with runtime.autocast():
         loss, parts = step_module(feats, attn_logits, feats_aug, label, pools.agnostic, pools.specific, lam,
-                                  negative_keep)
-    if not bool(torch.isfinite(loss)):
-        raise HPSegError(
-            f"non-finite loss {float(loss)} ({', '.join(f'{k} {float(v):.4g}' for k, v in parts.items())}): "
-            "lower the learning rates or use train.precision=fp32"
-        )
+                                  negative_keep, step=step)
     model.ema_head.ema_update(model.head, ema_m)
     optimizers.zero_grad()
     scaler.scale(loss).backward()
     grad_norm = optimizers.step(scaler)
-    return StepOutput(float(loss.detach()), {k: float(v) for k, v in parts.items()}, grad_norm)
+    return StepOutput(loss.detach(), parts, grad_norm)
+
+
+def check_finite(first_bad: torch.Tensor, out: StepOutput | None = None) -> None:
+    """Raise if a step since the last check had a non-finite loss (reads ``first_bad`` once).
+
+    ``first_bad`` is a 0-dim int64 tensor on the device holding the first such iteration (−1:
+    none), updated without synchronisation by :func:`track_finite`.
+
+    Raises:
+        HPSegError: naming the iteration and the fix; nothing has been saved since that step.
+    """
+    bad = int(first_bad)
+    if bad >= 0:
+        detail = ""
+        if out is not None:
+            detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in out.values().items()) + ")"
+        raise HPSegError(f"non-finite loss at iteration {bad}{detail}: lower the learning rates or use "
+                         "train.precision=fp32 (the last checkpoint saved before it is intact)")
+
+
+def track_finite(first_bad: torch.Tensor, out: StepOutput, iteration: int) -> torch.Tensor:
+    """``first_bad`` updated with this step (on the device, no synchronisation)."""
+    return torch.where((first_bad < 0) & ~out.finite, iteration, first_bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -448,7 +480,8 @@ def fit(
 
     model.to(runtime.device)
     hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
-                                 chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype)
+                                 chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype,
+                                 seed=negatives_seed(train.seed, runtime.rank))
     objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
     step_module: nn.Module = objective
     if runtime.world_size > 1:  # the objective's modules hold no buffers: buffer syncing is a no-op
@@ -474,6 +507,7 @@ def fit(
 
         progress = tqdm(total=max_iters, initial=state.iteration, desc="train", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter()
+    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first non-finite iteration
     model.train()
     with stop_on_signals() as stop:
         while state.iteration < max_iters:
@@ -484,26 +518,34 @@ def fit(
                 if i % loss.renew_interval == 0 and i != 0:
                     pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)
-                out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m)
+                out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m,
+                                 step=it)
+                first_bad = track_finite(first_bad, out, it)
                 state.iteration = it + 1
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{out.loss:.3f}", lam=f"{lam:.2f}")
-                if it % train.log_freq == 0 or it + 1 == max_iters:
-                    ckpt.log({"iteration": it, "epoch": epoch, "loss": out.loss, **out.parts, "lambda": lam,
-                              "grad_norm": out.grad_norm, **{f"train_{k}": v for k, v in hp_loss.stats.items()},
+                if it % train.log_freq == 0 or it + 1 == max_iters:  # the only reads from the device
+                    check_finite(first_bad, out)
+                    values = out.values()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{lam:.2f}")
+                    ckpt.log({"iteration": it, "epoch": epoch, **values, "lambda": lam,
+                              **{f"train_{k}": v for k, v in hp_loss.stats.items()},
                               "seconds": round(time.perf_counter() - t0, 3)})
                 epoch_end = train.counting == "epoch" and i + 1 == per_epoch
                 if (i + 1) % train.valid_freq == 0 or epoch_end or it + 1 == max_iters:
+                    check_finite(first_bad, out)
                     _validate(model, pools, validate, state, ckpt, epoch)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
                 if stop.requested:
+                    check_finite(first_bad, out)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
                     raise KeyboardInterrupt(f"stopped at iteration {state.iteration}: run the same command to resume")
                 if state.iteration >= max_iters:
                     break
     if progress is not None:
         progress.close()
+    check_finite(first_bad)
     summary = {**ckpt.finish(model, state, labelled=state.best_iteration >= 0), "max_iters": max_iters,
                "seconds": round(time.perf_counter() - t0, 2), "world_size": runtime.world_size,
                "per_rank_batch": data.per_rank, "global_batch": data.per_rank * runtime.world_size}

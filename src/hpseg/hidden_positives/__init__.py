@@ -10,8 +10,10 @@ ordered image by image, row-major inside an image), ``F`` backbone width, ``D`` 
   :func:`hidden_positive_loss`) and the λ schedule (§5);
 * :mod:`~hpseg.hidden_positives.budget` — per batch: memory budget, anchor chunk, dense or sparse path;
 * :mod:`~hpseg.hidden_positives.dense` — the dense path: ``(M, N)`` masks, logits and products;
-* :mod:`~hpseg.hidden_positives.sparse` — the sparse path: negatives as index sets, kept pairs,
-  sampled products;
+* :mod:`~hpseg.hidden_positives.sparse` — the sparse path: kept pairs and sampled products;
+* :mod:`~hpseg.hidden_positives.negatives` — the kept negatives, a counter-based Bernoulli(ρ) draw
+  (a pure function of seed, step and pair) as index sets or as a mask;
+* :mod:`~hpseg.hidden_positives.inputs` — validation of the loss's inputs;
 * :mod:`~hpseg.hidden_positives.local` — LHP attention-weighted 3×3 propagation (§6);
 * :mod:`~hpseg.hidden_positives.consistency` — the photometric consistency loss (§7).
 """
@@ -31,10 +33,11 @@ from hpseg.hidden_positives.loss import (
     HiddenPositiveLoss,
     hidden_positive_loss,
     lambda_schedule,
+    loss_stats,
 )
 from hpseg.hidden_positives.masks import PositiveMasks, positive_masks, positive_pair_keys
+from hpseg.hidden_positives.negatives import negative_keep_mask, negative_keys
 from hpseg.hidden_positives.pools import pool_thresholds, sample_pool, sample_pool_entries
-from hpseg.hidden_positives.sparse import draw_negative_keys
 
 __all__ = [
     "BASE_TEMPERATURE",
@@ -46,10 +49,12 @@ __all__ = [
     "chunk_images_for_budget",
     "consistency_loss",
     "default_memory_gb",
-    "draw_negative_keys",
     "hidden_positive_loss",
     "lambda_schedule",
     "local_propagation",
+    "loss_stats",
+    "negative_keep_mask",
+    "negative_keys",
     "neighbourhood_counts",
     "neighbourhood_mask",
     "pool_thresholds",

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 PATHS = ("auto", "dense", "sparse")
 #: Default memory budget of the loss's working set on CPU, GiB.
 DEFAULT_CPU_MEMORY_GB = 1.0
-#: Default fraction of the free CUDA memory used as the budget on a GPU.
-DEFAULT_CUDA_MEMORY_FRACTION = 0.5
+#: Default memory budget of the loss on a GPU, GiB (at most :data:`DEFAULT_CUDA_MEMORY_FRACTION` of it).
+DEFAULT_CUDA_MEMORY_GB = 6.0
+#: ... and at most this fraction of the GPU's total memory.
+DEFAULT_CUDA_MEMORY_FRACTION = 0.25
 #: "auto" uses the sparse path only while the kept negatives are at most this dense.
 SPARSE_MAX_KEEP_DENSITY = 0.1
 #: ... and while the kept pairs (``ρ`` + positives) are at most this dense (else dense is cheaper).
@@ -46,12 +48,14 @@ _logged_choices: set[tuple[Any, ...]] = set()
 def default_memory_gb(device: torch.device) -> float:
     """The loss's default memory budget on ``device``, GiB.
 
-    CUDA: :data:`DEFAULT_CUDA_MEMORY_FRACTION` of the memory free on the device at call time;
-    elsewhere :data:`DEFAULT_CPU_MEMORY_GB`.
+    CUDA: :data:`DEFAULT_CUDA_MEMORY_GB`, at most :data:`DEFAULT_CUDA_MEMORY_FRACTION` of the
+    GPU's total memory; elsewhere :data:`DEFAULT_CPU_MEMORY_GB`. It depends on the device alone —
+    never on the memory free at the moment — so that the anchor chunk, and with it the order of
+    the float additions, is the same in every step and after a resume (exact runs).
     """
     if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(DEFAULT_CUDA_MEMORY_FRACTION * free / 2**30, 0.25)
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return max(min(DEFAULT_CUDA_MEMORY_GB, DEFAULT_CUDA_MEMORY_FRACTION * total), 0.25)
     return DEFAULT_CPU_MEMORY_GB
 
 

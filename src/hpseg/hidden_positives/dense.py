@@ -4,8 +4,8 @@ For an anchor chunk of ``M`` rows, :func:`dense_contrastive_chunk` computes
 ``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` and its exact gradient from dense ``(M, N)`` blocks (the sum and
 its gradient are derived in :mod:`~hpseg.hidden_positives.loss`). It is the reference the sparse
 path (:mod:`~hpseg.hidden_positives.sparse`) is tested against, and the path used on GPUs, where
-float16 tensor-core products make dense blocks cheap. :func:`dense_keep` turns the Bernoulli(ρ)
-negatives into the ``(M, N)`` keep mask, drawn image by image exactly as the sparse path draws them.
+float16 tensor-core products make dense blocks cheap. Its ``(M, N)`` keep mask of the Bernoulli(ρ)
+negatives is :func:`~hpseg.hidden_positives.negatives.negative_keep_mask`, the sparse path's draw.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from hpseg.hidden_positives.masks import PositiveMasks, _similarity
-from hpseg.hidden_positives.sparse import negative_keys
 
 
 def dense_contrastive_chunk(
@@ -69,25 +68,3 @@ def dense_contrastive_chunk(
             grad[rows] += (g_low @ e.to(grad_dtype)).float()
             grad += (g_low.t() @ anchors.to(grad_dtype)).float()
     return total
-
-
-def dense_keep(
-    rows: slice,
-    per_image: int,
-    n: int,
-    *,
-    rho: float,
-    generator: torch.Generator | None,
-    negative_keep: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """The dense path's ``(M, N)`` keep mask (``None``: keep all, ρ = 1 without an explicit mask)."""
-    if negative_keep is not None:
-        return negative_keep[rows]
-    if rho >= 1.0:
-        return None
-    m = rows.stop - rows.start
-    keep = torch.zeros(m * n, dtype=torch.bool, device=device)
-    # the sparse path's draw (image by image), so both paths see the same negatives
-    keep[negative_keys(rows, per_image, n, rho=rho, generator=generator, negative_keep=None, device=device)] = True
-    return keep.view(m, n)

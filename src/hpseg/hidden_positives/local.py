@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +25,12 @@ def _grid(size: int | tuple[int, int]) -> tuple[int, int]:
 _OFFSETS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
+@lru_cache(maxsize=32)
 def _neighbour_table(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of the 3×3 neighbours of every patch ``(h·w, 9)`` (clamped) and their
-    existence ``(h·w, 9)`` bool, offsets in row-major order (−1,−1), (−1,0), … (1,1)."""
+    existence ``(h·w, 9)`` bool, offsets in row-major order (−1,−1), (−1,0), … (1,1).
+
+    Cached per grid and device: built from host lists once, never inside a training step."""
     r = torch.arange(h, device=device).view(h, 1, 1).expand(h, w, 1)
     c = torch.arange(w, device=device).view(1, w, 1).expand(h, w, 1)
     dr = torch.tensor([o[0] for o in _OFFSETS], device=device)
@@ -59,11 +64,17 @@ def neighbourhood_counts(size: int | tuple[int, int], device: torch.device | Non
     return valid.sum(dim=1)
 
 
+@lru_cache(maxsize=8)
+def _quantile_levels(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:data:`LHP_QUANTILES` as a tensor on ``device`` (copied once, not at every step)."""
+    return torch.tensor(LHP_QUANTILES, dtype=dtype, device=device)
+
+
 @torch.no_grad()
 def _lhp_attention(attn_logits: torch.Tensor, sigma: float) -> torch.Tensor:
     """Steps 1–4 of docs/method.md §6: ``(B, H, 1+S², 1+S²)`` logits → ``(B, S², S²)`` float32 weights."""
     attn = attn_logits[:, :, 1:, 1:].float().mean(dim=1)  # (B, S², S²)
-    q = torch.tensor(LHP_QUANTILES, dtype=attn.dtype, device=attn.device)
+    q = _quantile_levels(attn.dtype, attn.device)
     per_block = max(1, _QUANTILE_BLOCK_NUMEL // attn[0].numel())
     for start in range(0, attn.shape[0], per_block):
         block = attn[start : start + per_block]

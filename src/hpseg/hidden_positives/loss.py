@@ -19,7 +19,7 @@ Two paths evaluate the same sums (:data:`PATHS`):
   products per chunk, the reference the tests compare with;
 * ``"sparse"`` — the positives of the batch as pair lists (:func:`~.masks.positive_pair_keys`:
   the two mask products, over the upper triangle only), the kept negatives drawn as index sets
-  (:func:`~.sparse.draw_negative_keys`), then per chunk the logits, log-sum-exps, weighted sums
+  (:func:`~.negatives.negative_keys`), then per chunk the logits, log-sum-exps, weighted sums
   and both gradient products on the kept pairs alone (:mod:`~.sparse`). ``w`` and the softmax
   terms live on ``A ∪ T ∪ keep``, about ``ρ + 2/P`` of the pairs, so that is where the work goes.
 
@@ -28,12 +28,16 @@ Two paths evaluate the same sums (:data:`PATHS`):
 to be rare; on CUDA it picks the dense path (float16 tensor-core products; the sparse path runs
 there too but has not been measured on a GPU). Anchor chunks are sized from a memory budget
 (:mod:`~.budget`).
+
+The kept negatives are a pure function of ``(seed, step, image, anchor, candidate)``
+(:mod:`~.negatives`): the same on every device, chunking and path. Nothing in a forward or backward
+reads a value back to the host on the dense path: the batch statistics stay on the device until
+:attr:`HiddenPositiveLoss.stats` is read (e.g. when a log line is written).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +47,17 @@ from torch.autograd.function import once_differentiable
 
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
-from hpseg.hidden_positives.dense import dense_contrastive_chunk, dense_keep
+from hpseg.hidden_positives.dense import dense_contrastive_chunk
+from hpseg.hidden_positives.inputs import check_loss_inputs
 from hpseg.hidden_positives.masks import positive_masks
+from hpseg.hidden_positives.negatives import negative_keep_mask, negative_keys
 from hpseg.hidden_positives.pools import default_matmul_dtype, pool_thresholds
-from hpseg.hidden_positives.sparse import chunk_pairs, negative_keys, slice_keys, sparse_contrastive_chunk
+from hpseg.hidden_positives.sparse import (
+    chunk_pairs,
+    explicit_negative_keys,
+    slice_keys,
+    sparse_contrastive_chunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +96,8 @@ class _LossOptions:
     memory_bytes: float
     path: str
     matmul_dtype: torch.dtype
-    generator: torch.Generator | None
+    seed: int
+    step: int
     need_grad: tuple[bool, bool]
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -135,7 +147,8 @@ class _Batch:
 def _sparse_chunk(
     batch: _Batch, plan: LossPlan, rows: slice, images: int, opt: _LossOptions
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sparse path: the chunk's contribution to the loss, its counts ``(A, T, kept, |den|)`` and pairs."""
+    """Sparse path: the chunk's contribution to the loss, its counts ``(A, T, kept, |den|, truncated)``
+    and its number of pairs."""
     n, m = batch.n, rows.stop - rows.start
     a_c = slice_keys(plan.agnostic_keys, rows, n)
     t_c = slice_keys(plan.specific_keys, rows, n)
@@ -147,21 +160,28 @@ def _sparse_chunk(
     weight_sum = count_a + opt.lam * count_t
     kept = count_a > 0
     coef = _anchor_coefficients(kept, weight_sum, images, opt.reweight)
-    negatives = negative_keys(rows, batch.per_image, n, rho=opt.rho, generator=opt.generator,
-                              negative_keep=batch.negative_keep, device=count_a.device)
+    if batch.negative_keep is not None:
+        negatives, truncated = explicit_negative_keys(batch.negative_keep, rows, n), count_a.new_zeros(())
+    else:
+        negatives, truncated = negative_keys(rows, batch.per_image, n, rho=opt.rho, seed=opt.seed, step=opt.step,
+                                             device=count_a.device)
     pairs = chunk_pairs(a_c, t_c, negatives, kept, m, n, opt.lam)
     total = sum(
         sparse_contrastive_chunk(e, rows, pairs, weight_sum, coef, kept, opt.tau, grad, batch.scale)
         for e, grad in zip(batch.embeddings, batch.grads)
     )
-    counts = torch.stack([count_a.sum(), count_t.sum(), kept.sum(), count_a.new_tensor(pairs.denominator_size)])
+    counts = torch.stack([count_a.sum(), count_t.sum(), kept.sum(), count_a.new_tensor(pairs.denominator_size),
+                          truncated.to(count_a.dtype)])
     return torch.as_tensor(total), counts.double(), pairs.count
 
 
 def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense path: the chunk's contribution to the loss and its counts ``(A, T, kept, |den|)``."""
-    keep = dense_keep(rows, batch.per_image, batch.n, rho=opt.rho, generator=opt.generator,
-                      negative_keep=batch.negative_keep, device=batch.f.device)
+    """Dense path: the chunk's contribution to the loss and its counts ``(A, T, kept, |den|, truncated)``."""
+    if batch.negative_keep is not None:
+        keep, truncated = batch.negative_keep[rows], batch.f.new_zeros((), dtype=torch.int64)
+    else:
+        keep, truncated = negative_keep_mask(rows, batch.per_image, batch.n, rho=opt.rho, seed=opt.seed,
+                                             step=opt.step, device=batch.f.device)
     r_ag, r_sp = batch.thresholds
     masks = positive_masks(batch.f, batch.s, r_ag, r_sp, rows, keep=keep, with_specific=opt.lam != 0.0,
                            matmul_dtype=opt.matmul_dtype)
@@ -179,7 +199,8 @@ def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> 
                                 batch.scale)
         for e, grad in zip(batch.embeddings, batch.grads)
     )
-    counts = torch.stack([count_a.sum(), count_t.sum(), masks.kept.sum(), masks.denominator.sum()])
+    counts = torch.stack([count_a.sum(), count_t.sum(), masks.kept.sum(), masks.denominator.sum(),
+                          truncated.to(count_a.dtype)])
     return torch.as_tensor(total), counts.double()
 
 
@@ -214,7 +235,7 @@ class _HiddenPositiveLoss(torch.autograd.Function):
                           with_specific=with_specific, memory_bytes=opt.memory_bytes,
                           chunk_images=opt.chunk_images, matmul_dtype=dtype)
         total = torch.zeros((), dtype=torch.float32, device=z.device)
-        counts = torch.zeros(4, dtype=torch.float64, device=z.device)  # A, T, kept, |den|
+        counts = torch.zeros(5, dtype=torch.float64, device=z.device)  # A, T, kept, |den|, truncated
         kept_pairs = 0
         for first in range(0, opt.num_images, plan.chunk_images):
             images = min(plan.chunk_images, opt.num_images - first)
@@ -226,16 +247,9 @@ class _HiddenPositiveLoss(torch.autograd.Function):
                 part, part_counts = _dense_chunk(batch, rows, images, opt)
             total += part
             counts += part_counts
-        a_total, t_total, kept_total, den_total = counts.tolist()
-        opt.stats.update(
-            positives_per_anchor=a_total / n,
-            specific_per_anchor=t_total / n,
-            kept_anchor_fraction=kept_total / n,
-            denominator_fraction=den_total / n / n,
-            pair_fraction=kept_pairs / n / n if plan.path == "sparse" else float("nan"),
-            path=plan.path,
-            chunk_images=plan.chunk_images,
-        )
+        # statistics stay on the device (no host synchronisation); loss_stats() reads them
+        opt.stats.update(counts=counts, n=n, kept_pairs=kept_pairs if plan.path == "sparse" else None,
+                         path=plan.path, chunk_images=plan.chunk_images)
         ctx.save_for_backward(*(g.to(x.dtype) if g is not None else None for g, x in zip(batch.grads, (z, z_lhp))))
         return (total * batch.scale).to(z.dtype)
 
@@ -249,101 +263,6 @@ class _HiddenPositiveLoss(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 # validation, functional form and module
 # ------------------------------------------------------------------------------------------
-
-
-def _check_loss_inputs(
-    z: torch.Tensor,
-    z_lhp: torch.Tensor,
-    feats: torch.Tensor,
-    code_ema: torch.Tensor,
-    pool_agnostic: torch.Tensor,
-    pool_specific: torch.Tensor,
-    negative_keep: torch.Tensor | None,
-    num_images: int,
-    tau: float,
-    lam: float,
-    rho: float,
-    chunk_images: int | None,
-    memory_gb: float | None,
-    path: str,
-) -> None:
-    """Every check of the loss's inputs (the functional form and the module both call this)."""
-    named = {
-        "z": z,
-        "z_lhp": z_lhp,
-        "feats": feats,
-        "code_ema": code_ema,
-        "pool_agnostic": pool_agnostic,
-        "pool_specific": pool_specific,
-    }
-    for name, t in named.items():
-        if t.dim() != 2:
-            raise HPSegError(
-                f"hidden_positive_loss: {name} must be 2-D, got shape {tuple(t.shape)}; "
-                "flatten (B, C, S, S) maps to (B·S², C) with patches of image 0 first"
-            )
-        if t.device != z.device:
-            raise HPSegError(
-                f"hidden_positive_loss: {name} is on {t.device} but z is on {z.device}; move all inputs "
-                "to one device"
-            )
-    n = z.shape[0]
-    if z_lhp.shape != z.shape:
-        raise HPSegError(
-            f"hidden_positive_loss: z_lhp {tuple(z_lhp.shape)} must match z {tuple(z.shape)}; "
-            "project code_lhp with the same projection head"
-        )
-    for name in ("feats", "code_ema"):
-        if named[name].shape[0] != n:
-            raise HPSegError(
-                f"hidden_positive_loss: {name} has {named[name].shape[0]} rows but z has {n}; "
-                "pass one row per patch for every input"
-            )
-    if pool_agnostic.shape[1] != feats.shape[1]:
-        raise HPSegError(
-            f"hidden_positive_loss: pool_agnostic width {pool_agnostic.shape[1]} != feats width "
-            f"{feats.shape[1]}; build the task-agnostic pool from the backbone features"
-        )
-    if pool_specific.shape[1] != code_ema.shape[1]:
-        raise HPSegError(
-            f"hidden_positive_loss: pool_specific width {pool_specific.shape[1]} != code_ema width "
-            f"{code_ema.shape[1]}; build the task-specific pool from the EMA-head codes"
-        )
-    if pool_agnostic.shape[0] == 0 or pool_specific.shape[0] == 0:
-        raise HPSegError("hidden_positive_loss: a reference pool is empty; fill it before training")
-    if num_images < 1 or n == 0 or n % num_images != 0:
-        raise HPSegError(
-            f"hidden_positive_loss: N={n} rows are not divisible into num_images={num_images} images; "
-            "pass num_images = batch size (N = num_images·S²)"
-        )
-    if chunk_images is not None and chunk_images < 1:
-        raise HPSegError(f"hidden_positive_loss: chunk_images must be ≥ 1, got {chunk_images}")
-    if memory_gb is not None and not (memory_gb > 0 and math.isfinite(memory_gb)):
-        raise HPSegError(
-            f"hidden_positive_loss: memory_gb must be a positive number of GiB, got {memory_gb}; "
-            "or None for the device's default"
-        )
-    if path not in PATHS:
-        raise HPSegError(f"hidden_positive_loss: path must be one of {', '.join(PATHS)}, got {path!r}")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise HPSegError(f"hidden_positive_loss: tau must be a positive number, got {tau}")
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise HPSegError(
-            f"hidden_positive_loss: lam must be a finite number ≥ 0, got {lam}; see lambda_schedule"
-        )
-    if not 0.0 <= rho <= 1.0:
-        raise HPSegError(f"hidden_positive_loss: rho must lie in [0, 1], got {rho}")
-    if negative_keep is not None:
-        if negative_keep.shape != (n, n) or negative_keep.dtype != torch.bool:
-            raise HPSegError(
-                f"hidden_positive_loss: negative_keep must be an (N, N) = ({n}, {n}) bool tensor, got "
-                f"{tuple(negative_keep.shape)} {negative_keep.dtype}; or pass None to draw Bernoulli(rho)"
-            )
-        if negative_keep.device != z.device:
-            raise HPSegError(
-                f"hidden_positive_loss: negative_keep is on {negative_keep.device} but z on {z.device}; "
-                "move it to the inputs' device"
-            )
 
 
 def _hidden_positive_loss(
@@ -363,11 +282,12 @@ def _hidden_positive_loss(
     chunk_images: int | None,
     memory_gb: float | None,
     path: str,
-    generator: torch.Generator | None,
+    seed: int,
+    step: int,
     matmul_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The loss and its batch statistics (see :class:`HiddenPositiveLoss`); the one implementation."""
-    _check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
+    """The loss and its raw batch statistics (:func:`loss_stats`); the one implementation."""
+    check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
                        lam, rho, chunk_images, memory_gb, path)
     budget_gb = memory_gb if memory_gb is not None else default_memory_gb(z.device)
     opt = _LossOptions(
@@ -380,7 +300,8 @@ def _hidden_positive_loss(
         memory_bytes=float(budget_gb) * 2**30,
         path=path,
         matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
-        generator=generator,
+        seed=int(seed),
+        step=int(step),
         need_grad=(
             torch.is_grad_enabled() and z.requires_grad,
             torch.is_grad_enabled() and z_lhp.requires_grad,
@@ -412,6 +333,8 @@ def hidden_positive_loss(
     chunk_images: int | None = None,
     memory_gb: float | None = None,
     path: str = "auto",
+    seed: int = 0,
+    step: int = 0,
     generator: torch.Generator | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -435,7 +358,7 @@ def hidden_positive_loss(
         num_images: images in the batch (B).
         tau: temperature τ. lam: weight λ of task-specific positives (see :func:`lambda_schedule`).
         rho: probability that a non-positive candidate is kept in the denominator (i.i.d. per
-            anchor–candidate pair, drawn as index sets image by image).
+            anchor–candidate pair, fresh for every ``(seed, step)``; :mod:`~.negatives`).
         negative_keep: explicit ``(N, N)`` bool keep matrix replacing the Bernoulli(rho) draw.
         reweight: the authors' ``pnm`` reweighting of anchors.
         chunk_images: images whose anchors are processed together; ``None`` (default) chooses it
@@ -443,7 +366,10 @@ def hidden_positive_loss(
         memory_gb: budget of the loss's working set in GiB; ``None``: :func:`default_memory_gb`.
         path: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (module docstring); the result
             does not depend on it.
-        generator: random generator for the negatives.
+        seed, step: the negatives are a pure function of ``(seed, step, image, anchor,
+            candidate)``: pass the run's seed and the training iteration.
+        generator: convenience for callers without a step counter: when given, ``seed`` is drawn
+            from it (one integer per call), so every call draws fresh negatives.
         matmul_dtype: dtype of the similarity products; default float16 on CUDA (the
             authors' autocast; dense gradient products then use bfloat16), float32 elsewhere.
 
@@ -453,34 +379,66 @@ def hidden_positive_loss(
     loss, _ = _hidden_positive_loss(
         z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=tau, lam=lam, rho=rho,
         negative_keep=negative_keep, reweight=reweight, chunk_images=chunk_images, memory_gb=memory_gb, path=path,
-        generator=generator, matmul_dtype=matmul_dtype,
+        seed=_seed_from(generator, seed), step=step, matmul_dtype=matmul_dtype,
     )
     return loss
+
+
+def _seed_from(generator: torch.Generator | None, seed: int) -> int:
+    """``seed``, or a fresh one drawn from ``generator`` (one integer; a host read on its device)."""
+    if generator is None:
+        return int(seed)
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
+
+
+def loss_stats(raw: dict[str, Any]) -> dict[str, Any]:
+    """Plain Python statistics of one batch from the loss's raw (on-device) record.
+
+    Reading them synchronises with the device once; do it when a log line is written, not at
+    every step. Keys: see :attr:`HiddenPositiveLoss.stats`.
+    """
+    if not raw:
+        return {}
+    a_total, t_total, kept_total, den_total, truncated = raw["counts"].tolist()
+    n, pairs = raw["n"], raw["kept_pairs"]
+    return {
+        "positives_per_anchor": a_total / n,
+        "specific_per_anchor": t_total / n,
+        "kept_anchor_fraction": kept_total / n,
+        "denominator_fraction": den_total / n / n,
+        "pair_fraction": pairs / n / n if pairs is not None else float("nan"),
+        "negative_draw_truncated": int(truncated),
+        "path": raw["path"],
+        "chunk_images": raw["chunk_images"],
+    }
 
 
 class HiddenPositiveLoss(nn.Module):
     """The Hidden Positives contrastive loss (GHP + LHP, docs/method.md §4–5) as a module.
 
-    ``loss = HiddenPositiveLoss(tau=0.8, rho=0.02)(z, z_lhp, f, s, pool_ag, pool_sp,
-    num_images=B, lam=λ)``; afterwards :attr:`stats` describes that batch.
+    ``loss = HiddenPositiveLoss(tau=0.8, rho=0.02, seed=run_seed)(z, z_lhp, f, s, pool_ag, pool_sp,
+    num_images=B, lam=λ, step=iteration)``; afterwards :attr:`stats` describes that batch.
 
     Args:
         tau: temperature τ. rho: keep probability of a negative in the denominator.
         reweight: the authors' ``pnm`` anchor reweighting.
-        memory_gb: budget of the loss's working set in GiB (``None``: a fraction of the free
-            CUDA memory on a GPU, :data:`DEFAULT_CPU_MEMORY_GB` on CPU); sets the anchor chunk.
+        memory_gb: budget of the loss's working set in GiB (``None``:
+            :func:`~hpseg.hidden_positives.budget.default_memory_gb`); sets the anchor chunk.
         chunk_images: explicit anchor chunk in images; overrides ``memory_gb``.
         path: ``"auto"``, ``"dense"`` or ``"sparse"`` (see :mod:`~hpseg.hidden_positives.loss`).
         matmul_dtype: dtype of the similarity products (default float16 on CUDA, float32 elsewhere).
+        seed: the run's seed of the negatives draw (with the ``step`` of each forward).
 
     Attributes:
-        stats: after each forward, plain Python values about the batch:
+        stats: plain Python values about the last batch, read from the device when accessed
+            (reading synchronises once; a training loop reads it when it logs):
             ``positives_per_anchor`` (mean number of task-agnostic positives per anchor),
             ``specific_per_anchor`` (task-specific ones; 0 when λ = 0),
             ``kept_anchor_fraction`` (anchors with at least one task-agnostic positive),
             ``denominator_fraction`` (mean ``|den(i)| / N``), ``pair_fraction`` (pairs evaluated
-            by the sparse path per ``N²``; NaN on the dense path), ``path`` (``"dense"`` or
-            ``"sparse"``) and ``chunk_images``.
+            by the sparse path per ``N²``; NaN on the dense path), ``negative_draw_truncated``
+            (images whose negatives stream ran out: 0 in practice, :mod:`~.negatives`),
+            ``path`` (``"dense"`` or ``"sparse"``) and ``chunk_images``.
     """
 
     def __init__(
@@ -493,6 +451,7 @@ class HiddenPositiveLoss(nn.Module):
         chunk_images: int | None = None,
         path: str = "auto",
         matmul_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if path not in PATHS:
@@ -504,12 +463,18 @@ class HiddenPositiveLoss(nn.Module):
         self.chunk_images = chunk_images
         self.path = path
         self.matmul_dtype = matmul_dtype
-        self.stats: dict[str, Any] = {}
+        self.seed = int(seed)
+        self._raw_stats: dict[str, Any] = {}
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The last batch's statistics as plain Python values (see the class docstring)."""
+        return loss_stats(self._raw_stats)
 
     def extra_repr(self) -> str:
         return (
             f"tau={self.tau}, rho={self.rho}, reweight={self.reweight}, memory_gb={self.memory_gb}, "
-            f"chunk_images={self.chunk_images}, path={self.path!r}"
+            f"chunk_images={self.chunk_images}, path={self.path!r}, seed={self.seed}"
         )
 
     def forward(
@@ -523,6 +488,7 @@ class HiddenPositiveLoss(nn.Module):
         *,
         num_images: int,
         lam: float,
+        step: int = 0,
         negative_keep: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -535,12 +501,14 @@ class HiddenPositiveLoss(nn.Module):
             code_ema: L2-normalised EMA-head codes ``s`` ``(N, D')`` (no gradient).
             pool_agnostic: ``(P, F)``; pool_specific: ``(P', D')`` reference pools.
             num_images: images in the batch. lam: weight λ of task-specific positives.
+            step: the training iteration (the negatives are a function of ``(seed, step)``).
             negative_keep: explicit ``(N, N)`` bool keep matrix (parity checks).
-            generator: random generator for the negatives.
+            generator: when given, the seed of this call is drawn from it instead.
         """
-        loss, self.stats = _hidden_positive_loss(
+        loss, self._raw_stats = _hidden_positive_loss(
             z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=self.tau, lam=lam,
             rho=self.rho, negative_keep=negative_keep, reweight=self.reweight, chunk_images=self.chunk_images,
-            memory_gb=self.memory_gb, path=self.path, generator=generator, matmul_dtype=self.matmul_dtype,
+            memory_gb=self.memory_gb, path=self.path, seed=_seed_from(generator, self.seed), step=step,
+            matmul_dtype=self.matmul_dtype,
         )
         return loss

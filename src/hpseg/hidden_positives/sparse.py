@@ -8,9 +8,8 @@ With ``rho = 0.02`` and positives at about ``1/P`` per side that is ~2 % of the 
 so this module lists those pairs and computes logits, log-sum-exps, weighted sums and both
 gradient products on them alone:
 
-* :func:`draw_negative_keys` — the Bernoulli(ρ) negatives of anchor rows as index sets (geometric
-  gaps between successes: exactly i.i.d. Bernoulli(ρ) per (anchor, candidate ≠ anchor)), never
-  an ``M × N`` random matrix;
+* the Bernoulli(ρ) negatives arrive as index sets (:mod:`~hpseg.hidden_positives.negatives`),
+  never as an ``M × N`` random matrix;
 * :class:`ChunkPairs` / :func:`chunk_pairs` — the kept pairs of one anchor chunk, grouped by
   anchor (CSR order), with their weight ``w_ij`` and denominator flag, plus the transposed order;
 * :func:`sparse_contrastive_chunk` — value and exact gradient of the chunk's contrastive sum
@@ -30,7 +29,6 @@ rows, not by arithmetic, on CPU; a lower-precision variant for GPUs is not imple
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -43,60 +41,6 @@ BYTES_PER_PAIR = 112
 _GATHER_CACHE_BYTES = 16 * 2**20
 #: Bytes of ``e`` rows per column block of :meth:`ChunkPairs.spmm` (about a core's L2 share).
 _SPMM_BLOCK_BYTES = 2**20
-#: Successes drawn per round by :func:`draw_negative_keys`.
-_DRAW_ROUND = 1 << 16
-
-
-def draw_negative_keys(
-    first_row: int,
-    rows: int,
-    n: int,
-    rho: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Bernoulli(ρ) negatives of anchors ``first_row … first_row + rows − 1`` as sorted local keys.
-
-    Every (anchor ``i``, candidate ``j ≠ i``) pair is kept independently with probability ``rho``
-    (the anchor itself never is). The ``rows·(N − 1)`` trials are enumerated row by row and the
-    gaps between kept trials are drawn as Geometric(ρ) variables, so the cost is proportional to
-    the number kept, not to ``rows·N``.
-
-    Args:
-        first_row: global index of the first anchor (to skip the anchor itself).
-        rows: number of anchors ``M``. n: number of candidates ``N``.
-        rho: keep probability in ``[0, 1]``.
-        generator: random generator (its device is used for the draw).
-        device: where the result goes (default: the generator's device, else CPU).
-
-    Returns:
-        int64 keys ``i_local·N + j`` (``i_local = i − first_row``), strictly increasing.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    device = device or gen_device
-    trials = rows * (n - 1)
-    if trials <= 0 or rho <= 0.0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    if rho >= 1.0:
-        pos = torch.arange(trials, device=device)
-    else:
-        log_q = math.log1p(-rho)
-        mean = trials * rho
-        batch = min(int(mean + 6.0 * math.sqrt(mean * (1.0 - rho)) + 64), _DRAW_ROUND)
-        parts: list[torch.Tensor] = []
-        last = -1
-        while last < trials:  # rounds of at most _DRAW_ROUND successes (bounded temporaries)
-            u = torch.rand(batch, dtype=torch.float64, generator=generator, device=gen_device)
-            gaps = torch.floor(torch.log1p(-u) / log_q).clamp_max_(float(trials)).to(torch.int64)
-            steps = (gaps + 1).cumsum(0) + last
-            parts.append(steps)
-            last = int(steps[-1])
-        pos = torch.cat(parts)
-        pos = pos[pos < trials].to(device)
-    r = pos.div(n - 1, rounding_mode="floor")
-    c = pos - r * (n - 1)
-    col = c + (c >= r + first_row).to(torch.int64)  # skip the anchor's own column
-    return r * n + col
 
 
 @dataclass
@@ -378,31 +322,12 @@ def sparse_contrastive_chunk(
     return total
 
 
-def negative_keys(
-    rows: slice,
-    per_image: int,
-    n: int,
-    *,
-    rho: float,
-    generator: torch.Generator | None,
-    negative_keep: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Kept negatives of the anchors ``rows`` as sorted local keys ``i_local·N + j`` (self never).
-
-    Drawn image by image, so the random stream (and the loss, for a given generator) does not
-    depend on the chunking or on the path.
-    """
-    m = rows.stop - rows.start
-    if negative_keep is not None:
-        keys = flat_nonzero(negative_keep[rows].contiguous())
-        local = keys.div(n, rounding_mode="floor")
-        return keys[keys - local * n != local + rows.start]
-    parts = [
-        draw_negative_keys(first, per_image, n, rho, generator, device) + (first - rows.start) * n
-        for first in range(rows.start, rows.stop, per_image)
-    ]
-    return torch.cat(parts) if parts else torch.empty(m * 0, dtype=torch.int64, device=device)
+def explicit_negative_keys(negative_keep: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """Kept negatives of the anchors ``rows`` from an explicit ``(N, N)`` bool matrix, as sorted
+    local keys ``i_local·N + j`` (the anchor itself never)."""
+    keys = flat_nonzero(negative_keep[rows].contiguous())
+    local = keys.div(n, rounding_mode="floor")
+    return keys[keys - local * n != local + rows.start]
 
 
 def slice_keys(keys: torch.Tensor | None, rows: slice, n: int) -> torch.Tensor | None:
