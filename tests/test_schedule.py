@@ -27,7 +27,9 @@ def test_small_folder_gets_a_schedule_where_lambda_ramps(caplog) -> None:
     assert sum(v > 0 for v in lam) > total / 2  # λ > 0 for most of the run
     assert 2 <= total // f.train.valid_freq <= VALIDATIONS
     assert total // f.loss.renew_interval >= 2  # the task-specific pool is renewed during the run
-    assert set(fitted.changes) >= {"loss.warmup", "loss.renew_interval", "train.valid_freq", "train.counting"}
+    assert set(fitted.changes) >= {"loss.warmup", "loss.renew_interval", "train.valid_freq", "train.counting",
+                                   "train.log_freq"}
+    assert total // f.train.log_freq >= 10  # a training curve with points
     assert cfg.loss.warmup == 50 and cfg.train.counting == "epoch"  # the input is left alone
     logged = [r.getMessage() for r in caplog.records if "schedule fitted" in r.getMessage()]
     assert len(logged) == 1 and "loss.warmup 50 → 2" in logged[0]

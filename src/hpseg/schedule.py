@@ -18,7 +18,9 @@ run's length ``M`` and the folder's size, and says why:
   than two validations, or more than ``VALIDATIONS`` and more than one per
   ``1 / MAX_VALIDATION_RATE`` iterations;
 * at most ``VALID_IMAGES`` validation images during training (``train.valid_images``; the final
-  ``hpseg evaluate`` still uses every held-out image).
+  ``hpseg evaluate`` still uses every held-out image);
+* a training log (and the progress bar's loss and λ) every ``⌈M / LOGS⌉`` iterations when the
+  configured ``train.log_freq`` gives fewer than ``LOGS / 2`` entries.
 
 Other datasets are returned unchanged; for every dataset a warning says when λ cannot reach its
 ramp (warm-up ≥ the run's length). Pure arithmetic on the configuration: no torch, no files.
@@ -34,7 +36,7 @@ from hpseg.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_VALIDATION_RATE", "MAX_WARMUP_FRACTION", "VALIDATIONS", "VALID_IMAGES", "WARMUP_FRACTION", "FittedSchedule", "fit_schedule"]
+__all__ = ["LOGS", "MAX_VALIDATION_RATE", "MAX_WARMUP_FRACTION", "VALIDATIONS", "VALID_IMAGES", "WARMUP_FRACTION", "FittedSchedule", "fit_schedule"]
 
 #: warm-up as a fraction of the run when the configured one does not fit
 WARMUP_FRACTION = 0.2
@@ -48,6 +50,8 @@ VALIDATIONS = 4
 MAX_VALIDATION_RATE = 0.1
 #: validation images used by each validation during training
 VALID_IMAGES = 16
+#: training-log entries per run when the configured frequency gives too few
+LOGS = 20
 
 
 @dataclass
@@ -109,6 +113,9 @@ def fit_schedule(cfg: Config, n_train: int, n_val: int, world_size: int = 1) -> 
         if t.valid_images is None and n_val > VALID_IMAGES:
             change("train.valid_images", t, "valid_images", VALID_IMAGES,
                    f"validating on all {n_val} images at every validation costs more than training")
+        if total // t.log_freq < LOGS // 2:
+            change("train.log_freq", t, "log_freq", max(1, math.ceil(total / LOGS)),
+                   f"{t.log_freq} would log {total // t.log_freq} training entries in {total} iterations")
         if out.changes:
             log.info("schedule fitted to %d training images (%d iterations; train.auto_schedule=false keeps the "
                      "preset's): %s", n_train, total, out.describe())
