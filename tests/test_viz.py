@@ -75,3 +75,13 @@ def test_gallery_legend_is_never_cut(n_columns, names) -> None:
     assert box.y1 <= lowest_axes + 0.5  # the legend does not cover the pictures
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[: len(names)] == names
+
+
+def test_training_curve_explains_an_empty_validation_panel() -> None:
+    rows = [{"iteration": 0, "loss": 2.0}, {"iteration": 1, "loss": 1.5},
+            {"iteration": 1, "val": {"labelled": False, "diagnostics": {"kept_anchor_fraction": 1.0}}}]
+    fig = training_curve_figure(rows)
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert any("no labelled validation images" in t for t in texts) and not fig.axes[1].get_lines()
+    labelled = rows[:2] + [{"iteration": 1, "val": {"unsupervised": {"miou": 30.0}, "linear": {"miou": 40.0}}}]
+    assert not training_curve_figure(labelled).axes[1].texts
