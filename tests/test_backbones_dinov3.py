@@ -4,6 +4,7 @@ layout, short names, offline errors and the families' error."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from hpseg.backbones import (
     build_backbone,
 )
 from hpseg.errors import HPSegError
+from hpseg.export import export_model, verify_export
 from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
+from hpseg.model import HPModel
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
@@ -197,6 +200,17 @@ def test_image_statistics_are_the_models_own() -> None:
         ours = sat.features(imagenet)  # hpseg's inputs are ImageNet-normalised
         timm_tokens = sat.vit.forward_features(own)  # timm fed with the satellite statistics
     torch.testing.assert_close(ours, timm_tokens[:, 5:].reshape(2, 2, 3, 64).permute(0, 3, 1, 2), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_keeps_the_satellite_statistics(tmp_path: Path, fmt: str) -> None:
+    if fmt == "onnx" and (importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None):
+        pytest.skip("ONNX export needs onnx and onnxruntime: pip install 'hpseg[export]'")
+    sat = build_backbone("dinov3_vitl16_sat493m", pretrained=False, timm_kwargs=TINY)
+    _randomise(sat.vit)
+    model = HPModel.create(sat, dim=8, n_classes=3, n_clusters=4).eval()
+    path = export_model(model, tmp_path / f"sat.{fmt}", format=fmt, image_size=(32, 48), head="linear")
+    assert verify_export(model, path, fmt, (32, 48), "linear") < 1e-4
 
 
 # ------------------------------------------------------------------------------------------

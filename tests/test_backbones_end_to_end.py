@@ -95,6 +95,7 @@ def test_train_evaluate_segment_export(
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("ONNX export needs onnx and onnxruntime: pip install 'hpseg[export]'")
     size = (2 * p, 3 * p)  # not square, not the training grid
-    path = export_model(model, tmp_path / "m.onnx", image_size=size, head="cluster")
-    with torch.no_grad():
-        assert verify_export(model, path, "onnx", size, "cluster") < 1e-4
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        path = export_model(model, tmp_path / f"m.{suffix}", format=fmt, image_size=size, head="cluster")
+        with torch.no_grad():
+            assert verify_export(model, path, fmt, size, "cluster") < 1e-4
