@@ -47,3 +47,20 @@ def test_protocol_difference_is_flagged(tmp_path, capsys):
 def test_missing_results_is_a_clear_error(tmp_path):
     with pytest.raises(HPSegError, match="hpseg evaluate"):
         compare_runs([tmp_path])
+
+
+def test_runs_without_labels_compare_by_their_label_free_figures(tmp_path):
+    protocol = {"dataset": "folder", "split": "held-out 20% of the folder", "n_images": 9, "eval_resolution": 160,
+                "crf": False, "n_clusters": 6, "n_classes": 6, "matching": "none (no labels)", "labelled": False}
+    for name, flip in (("k6", 61.5), ("k8", 48.25)):
+        (tmp_path / name).mkdir()
+        doc = {"protocol": protocol, "label_free": {
+            "methods": {"HP": {"flip_stability": flip, "empty_clusters": 0}, "k-means": {"flip_stability": 66.0}},
+            "agreement": {"methods": ["HP", "k-means"], "nmi": 0.4}, "n_images": 9}}
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+    text = compare_runs([tmp_path / "k6", tmp_path / "k8"], out=tmp_path / "cmp")
+    row = next(line for line in text.splitlines() if line.startswith("HP flip stability"))
+    assert row.split()[-2:] == ["61.5", "48.2"]
+    assert any(line.startswith("HP vs k-means agreement, NMI") for line in text.splitlines())
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert doc["label_free"]["k8"]["HP flip stability %"] == 48.25

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from hpseg.io import atomic_write_text
-from hpseg.results import HeadScore, Results, find_results
+from hpseg.results import AGREEMENT_FIGURES, LABEL_FREE_FIGURES, HeadScore, Results, find_results
 from hpseg.viz import new_figure, save_figure
 
-__all__ = ["PROTOCOL_KEYS", "compare_runs", "load_rows", "protocol_differences"]
+__all__ = ["PROTOCOL_KEYS", "compare_runs", "label_free_rows", "load_rows", "protocol_differences"]
 
 #: protocol fields that must agree for figures to be comparable
 PROTOCOL_KEYS = ("dataset", "split", "n_images", "eval_resolution", "crf", "n_clusters", "n_classes", "matching",
@@ -33,6 +33,21 @@ def load_rows(path: Path) -> tuple[str, dict[str, Any], dict[str, HeadScore]]:
     if name == "eval":
         name = path.parent.name if path.is_dir() else path.parent.parent.name
     return name, results.protocol.to_dict(), results.rows()
+
+
+def label_free_rows(path: Path) -> dict[str, float]:
+    """``{"HP flip stability %": 61.2, …, "HP vs k-means agreement, NMI": 0.41}``: the label-free
+    figures of an evaluated run without labels (empty for runs evaluated with labels)."""
+    label_free = Results.read(find_results(path)).label_free
+    rows: dict[str, float] = {}
+    for method, figures in (label_free.get("methods") or {}).items():
+        rows.update({f"{method} {title}": float(figures[key]) for key, title, _ in LABEL_FREE_FIGURES
+                     if isinstance(figures.get(key), (int, float))})
+    pair = label_free.get("agreement") or {}
+    names = " vs ".join(pair.get("methods") or [])
+    rows.update({f"{names} {title}": float(pair[key]) for key, title, _ in AGREEMENT_FIGURES
+                 if isinstance(pair.get(key), (int, float))})
+    return rows
 
 
 def protocol_differences(protocols: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -58,6 +73,10 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
         for key, label in (("accuracy", "acc"), ("miou", "mIoU")):
             cells = [rows[head].cell(key).strip() if head in rows else "-" for _, _, rows in runs]
             lines.append(f"{head + ' ' + label:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    free = [label_free_rows(p) for p in paths]
+    for key in dict.fromkeys(k for rows in free for k in rows):
+        cells = [f"{rows[key]:.3g}" if key in rows else "-" for rows in free]
+        lines.append(f"{key:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
     lines.append("")
     if diffs:
         lines.append("WARNING: protocols differ — these figures are not directly comparable:")
@@ -69,7 +88,8 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         doc = {"runs": [{"name": n, "protocol": p, "metrics": {h: s.to_dict() for h, s in rows.items()}}
-                        for n, p, rows in runs], "protocol_differences": diffs}
+                        for n, p, rows in runs], "protocol_differences": diffs,
+               "label_free": {n: rows for (n, _, _), rows in zip(runs, free) if rows}}
         atomic_write_text(out / "compare.json", json.dumps(doc, indent=2))
         save_figure(_figure(runs, heads, bool(diffs)), out / "compare.png")
     return text
@@ -87,6 +107,7 @@ def _figure(runs: list[tuple[str, dict[str, Any], dict[str, HeadScore]]], heads:
             ax.bar(x + i * width, vals, width, yerr=errs, label=head, capsize=2)
         ax.set_xticks(x + width * (len(heads) - 1) / 2, [n for n, _, _ in runs], fontsize=8)
         ax.set_title(title + ("  (protocols differ!)" if flagged else ""), fontsize=9)
-    axes[0].legend(fontsize=7)
+    if heads:  # runs without labels have no scored head
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
