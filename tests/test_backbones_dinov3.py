@@ -255,6 +255,20 @@ def test_meta_biases_on_a_model_without_biases(tmp_path: Path, caplog: pytest.Lo
         )
 
 
+def test_bias_free_weights_on_a_short_name_get_zero_biases(tmp_path: Path) -> None:
+    model = tiny_timm("vit_small_patch16_dinov3", seed=6)  # timm's variant without q/v biases
+    path = tmp_path / "timm_layout.pth"
+    torch.save(model.state_dict(), path)
+    bb = build_backbone("dinov3_vits16", path, timm_kwargs=TINY)  # the _qkvb variant
+    assert all(not blk.attn.q_bias.any() and not blk.attn.v_bias.any() for blk in bb.vit.blocks)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bb.features(x), model.forward_features(x)[:, 5:].reshape(1, 2, 3, 64).permute(0, 3, 1, 2),
+            atol=1e-5, rtol=0,
+        )
+
+
 def _offline(monkeypatch: pytest.MonkeyPatch, hub: Path) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setattr(backbones.weights, "_reachable", lambda host, timeout=3.0: False)

@@ -24,7 +24,7 @@ from hpseg.errors import HPSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TimmEva", "prepare_dinov3_state_dict"]
+__all__ = ["TimmEva", "fill_absent_qv_biases", "prepare_dinov3_state_dict"]
 
 
 class TimmEva(Backbone):
@@ -131,4 +131,21 @@ def prepare_dinov3_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) 
             "(use the model name with _qkvb, e.g. vit_small_patch16_dinov3_qkvb, to keep them)",
             largest,
         )
+    return out
+
+
+def fill_absent_qv_biases(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``sd`` (in ``model``'s key naming) with zero q/v biases where ``model`` has them and ``sd``
+    has none at all — weights of a bias-free variant (timm's ``vit_small_patch16_dinov3``) on
+    a ``_qkvb`` model (the ``dinov3_*`` short names). Exact: a zero bias is no bias."""
+    out = dict(sd)
+    if any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in out):
+        return out
+    filled = 0
+    for key, value in model.state_dict().items():
+        if key.endswith(("attn.q_bias", "attn.v_bias")):
+            out[key] = torch.zeros_like(value)
+            filled += 1
+    if filled:
+        log.info("the weights have no q/v biases: using zero biases (%d tensors)", filled)
     return out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpseg.backbones.eva import TimmEva, prepare_dinov3_state_dict
+from hpseg.backbones.eva import TimmEva, fill_absent_qv_biases, prepare_dinov3_state_dict
 from hpseg.backbones.registry import is_timm_name, resolve_timm_name
 from hpseg.backbones.vit import Backbone, BackboneArch, DinoViT, TimmViT
 from hpseg.errors import HPSegError
@@ -78,10 +78,10 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     module = sys.modules.get(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     sd = prepare_dinov3_state_dict(sd, model)
-    if filter_fn is None:
-        return dict(sd)
-    with contextlib.redirect_stdout(io.StringIO()):  # timm prints while converting some layouts
-        return dict(filter_fn(dict(sd), model))
+    if filter_fn is not None:
+        with contextlib.redirect_stdout(io.StringIO()):  # timm prints while converting some layouts
+            sd = filter_fn(dict(sd), model)
+    return fill_absent_qv_biases(sd, model)  # no-op unless the model has separate q/v biases (Eva)
 
 
 def backbone_from_arch(arch: BackboneArch, *, init: bool = True) -> Backbone:
