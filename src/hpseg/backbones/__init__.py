@@ -154,7 +154,7 @@ def _timm_backbone(
             sd, source = load_weights_file(meta), str(meta)
     if sd is None:
         if pretrained:
-            check_timm_weights_reachable(resolve_timm_name(name), release)
+            check_timm_weights_reachable(resolve_timm_name(name), release, label=name)
         try:
             vit = timm_model(name, pretrained=pretrained, **kwargs)
         except (OSError, urllib.error.URLError, http.client.HTTPException, RuntimeError) as exc:

@@ -164,12 +164,13 @@ def cached_meta_file(release: TimmRelease) -> Path | None:
     return found[0] if found else None
 
 
-def check_timm_weights_reachable(name: str, release: TimmRelease | None = None) -> None:
+def check_timm_weights_reachable(name: str, release: TimmRelease | None = None, label: str | None = None) -> None:
     """Fail fast when timm's pretrained weights of ``name`` are neither cached nor downloadable.
 
     timm fetches them from the Hugging Face hub and, offline, spends a long time in retries
     before failing; this check answers in seconds with the file to fetch and where to put it
-    (for a short name's ``release`` also Meta's official file and the folder it is looked for in).
+    (for a short name ``label`` and its ``release`` also Meta's official file and the folder it is
+    looked for in).
     """
     import timm
 
@@ -191,7 +192,7 @@ def check_timm_weights_reachable(name: str, release: TimmRelease | None = None) 
     if release is not None:
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise HPSegError(
-            f"the weights of {name} are not cached and this machine cannot reach huggingface.co: put Meta's "
+            f"the weights of {label or name} are not cached and this machine cannot reach huggingface.co: put Meta's "
             f"{release.meta_file}-*.pth ({DINOV3_REPO}) in {hub}/, or download {url} and pass weights=PATH"
         )
     folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
