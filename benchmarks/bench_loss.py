@@ -27,8 +27,8 @@ Implementations (``--impls``): ``sparse`` = ``hidden_positive_loss(path="sparse"
 in one process, interleaved (A B C, B C A, …) after warm-up runs, so that load from other
 processes affects them alike; min and median of the wall-clock seconds of
 ``loss = f(...); loss.backward()`` (device synchronised on CUDA) are reported. ``hpseg`` draws its
-negatives from one seeded generator, so the sparse and dense paths see identical negatives and
-must agree on the loss (checked); the reference draws its own, and a no-grad evaluation at
+negatives as a function of (seed, step) (``hidden_positives/negatives.py``), so the sparse and
+dense paths see identical negatives and must agree on the loss (checked); the reference draws its own, and a no-grad evaluation at
 ρ = 1 (no randomness) checks that it agrees with ``hpseg``.
 
 Peak memory: each implementation alone in a child process over one forward + backward: on CUDA
@@ -192,8 +192,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             )
         module = modules[impl]
         module.rho = args.rho if rho is None else rho
-        gen = torch.Generator(device=device).manual_seed(1)  # same negatives for both paths
-        return module(z, z_lhp, *rest, num_images=b, lam=args.lam, generator=gen)
+        module.seed = 1  # the negatives are a function of (seed, step): the same for both paths
+        return module(z, z_lhp, *rest, num_images=b, lam=args.lam, step=0)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -26,6 +26,8 @@ Implementations:
 * ``hpseg-cached``— the same, with the clean view's backbone outputs read from a feature cache
   (``train.cache_features=true``): their backbone forward is skipped; the augmented view still
   runs it. Reading the memory-mapped cache from disk is *not* timed (tensors already in memory);
+* ``hpseg-nondet``— ``hpseg`` with ``train.deterministic=false`` (PyTorch's default kernels):
+  the difference to ``hpseg`` is what exact reruns and resumes cost;
 * ``reference``   — the same step written plainly, with the per-image loss and per-image
   local propagation of ``benchmarks/reference_loss.py`` (the authors' structure).
 
@@ -65,7 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
     "cpu": {"backbone": "dino_vits8", "resolution": 96, "batch": 8, "D": 512, "P": 2048, "classes": 27},
     "paper": {"backbone": "dino_vits8", "resolution": 224, "batch": 64, "D": 512, "P": 2048, "classes": 27},
 }
-IMPLS = ("hpseg", "hpseg-cached", "reference")
+IMPLS = ("hpseg", "hpseg-cached", "hpseg-nondet", "reference")
 HP = {"tau": 0.8, "rho": 0.02, "alpha": 0.05, "sigma": 28.0, "lam": 0.5, "ema_m": 0.99, "dropout": 0.1}
 
 
@@ -117,7 +119,7 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
     from hpseg.config import TrainConfig
     from hpseg.hidden_positives import HiddenPositiveLoss, consistency_loss
     from hpseg.model import HPModel
-    from hpseg.runtime import Runtime
+    from hpseg.runtime import Runtime, make_deterministic
     from hpseg.train import (
         HPObjective,
         Optimizers,
@@ -169,7 +171,21 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
         }  # as CachedFeatures stores them
     del out, flat_f, flat_s, clean_feats, clean_attn
 
+    def deterministic(flag: bool, fn: Any) -> Any:
+        """``fn`` run with deterministic kernels on (hpseg's default) or off (the others)."""
+
+        def call() -> Any:
+            make_deterministic(flag)
+            return fn()
+
+        return call
+
     def make(name: str) -> _Impl:
+        impl = _make(name)
+        flag = name in ("hpseg", "hpseg-cached")
+        return _Impl(name, deterministic(flag, impl.step), deterministic(flag, impl.check))
+
+    def _make(name: str) -> _Impl:
         model = new_model()
         optimizers = Optimizers(model, TrainConfig())  # the authors' four optimisers
         scaler = runtime.grad_scaler()
@@ -179,6 +195,7 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
             return HPObjective(model, loss, alpha=HP["alpha"], sigma=HP["sigma"])
 
         train_objective, check_objective = objective(HP["rho"]), objective(1.0)
+        steps_done: list[int] = []  # the step number keys the negatives draw
         source = {**batch, **cached} if name == "hpseg-cached" else batch
 
         def hpseg_step() -> tuple[float, float, float]:
@@ -191,7 +208,8 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
             t1 = time.perf_counter()
             train_objective.train(True)
             train_step(train_objective, model, source, pools, HP["lam"], optimizers, scaler, runtime,
-                       ema_m=HP["ema_m"])
+                       ema_m=HP["ema_m"], step=len(steps_done))
+            steps_done.append(1)
             sync()
             total, backbone_part = time.perf_counter() - t1, t1 - t0
             return total, backbone_part, total - backbone_part
@@ -495,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     ref = results.get("reference", {})
-    for impl in ("hpseg", "hpseg-cached"):
+    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet"):
         ours = results.get(impl, {})
         if "median_s" in ours and "median_s" in ref:
             report[f"speedup_{impl}_vs_reference_median"] = ref["median_s"] / ours["median_s"]
@@ -526,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             f"min {r['min_s'] * 1e3:9.1f} ms  step mem {r.get('step_mem_mb', float('nan')):8.1f} MiB  "
             f"check loss {r['check_loss']:.5f}"
         )
-    for impl in ("hpseg", "hpseg-cached"):
+    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet"):
         key = f"speedup_{impl}_vs_reference_median"
         if key in report:
             print(

@@ -148,7 +148,9 @@ def test_dense_and_sparse_loss_paths_train_alike(tiny_cfg, tmp_path):
     """`loss.path` changes only how the loss is evaluated: both paths end with the same weights."""
     states = {}
     for path in ("dense", "sparse"):
-        cfg = tiny_cfg("train.max_iters=2", "loss.rho=0.3", f"loss.path={path}", f"train.out_dir={tmp_path / path}")
+        # fp32: on a GPU the dense path would otherwise take float16 products and the sparse float32
+        cfg = tiny_cfg("train.max_iters=2", "loss.rho=0.3", f"loss.path={path}", f"train.out_dir={tmp_path / path}",
+                       "train.precision=fp32")
         train_one(cfg, tmp_path / path)
         logged = [json.loads(line) for line in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
         assert {r["train_path"] for r in logged if "train_path" in r} == {path}  # the option reached the loss
@@ -156,3 +158,130 @@ def test_dense_and_sparse_loss_paths_train_alike(tiny_cfg, tmp_path):
     assert states["dense"].keys() == states["sparse"].keys()
     for k, dense in states["dense"].items():
         torch.testing.assert_close(states["sparse"][k], dense, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------------------
+# no host synchronisation inside a training step (docs/DEVELOPING.md: device-agnostic, no sync)
+# ------------------------------------------------------------------------------------------
+
+#: aten operations that read a value back to the host, or whose output size depends on values
+#: (a GPU must finish its queue first): none may run inside a training step on the CUDA path.
+_SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "boolean-mask-index",
+                "host-data-to-device")
+
+
+def _tiny_step_parts(tiny_cfg, *extra: str):
+    from hpseg.hidden_positives import HiddenPositiveLoss
+    from hpseg.pipeline import build_model
+    from hpseg.runtime import Runtime
+    from hpseg.train import HPObjective, Optimizers, ReferencePools
+
+    cfg = tiny_cfg("model.dropout=0.1", *extra)
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, ["a", "b", "c"])
+    runtime = Runtime.create("cpu", "fp32")
+    loss = HiddenPositiveLoss(0.8, 0.2, path="dense", seed=3)  # the path a GPU takes
+    objective = HPObjective(model, loss, alpha=0.05, sigma=28.0)
+    optimizers = Optimizers(model, cfg.train, fused=True)  # as on CUDA
+    pools = ReferencePools(8, 0.1, torch.Generator().manual_seed(0))
+    pools.agnostic = torch.nn.functional.normalize(torch.randn(8, model.backbone.embed_dim), dim=1)
+    pools.specific = torch.nn.functional.normalize(torch.randn(8, 8), dim=1)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"img": torch.randn(4, 3, 32, 32, generator=gen), "img_aug": torch.randn(4, 3, 32, 32, generator=gen),
+             "label": torch.randint(-1, 3, (4, 32, 32), generator=gen)}
+    return model, objective, optimizers, pools, batch, runtime
+
+
+def test_training_step_reads_nothing_back_to_the_host(tiny_cfg, monkeypatch):
+    """CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``: every aten operation of a
+    step on the dense path (with the negatives drawn by the torch implementation that runs on GPUs)
+    is recorded; none may read a value back or depend on one. A defect such as ``float(loss)``,
+    ``.tolist()`` of the statistics or a boolean-mask index in the step makes this fail."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import hpseg.hidden_positives.negatives as negatives
+    from hpseg.train import train_step
+
+    real_draw = negatives._draw
+    monkeypatch.setattr(negatives, "_draw", lambda *a, **k: real_draw(*a, **{**k, "use_numpy": False}))
+    model, objective, optimizers, pools, batch, runtime = _tiny_step_parts(tiny_cfg)
+    scaler = runtime.grad_scaler()
+    for it in range(2):  # warm-up: caches of constants are filled once, outside the checked steps
+        train_step(objective, model, batch, pools, 0.5, optimizers, scaler, runtime, ema_m=0.99, step=it)
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.overloadpacket.__name__
+            seen.append(op)
+            if op in ("index", "index_put", "index_put_") and any(
+                i is not None and i.dtype == torch.bool for i in args[1]
+            ):
+                seen.append("boolean-mask-index")  # its size depends on the mask's values
+            if op in ("lift_fresh", "lift_fresh_copy") and args[0].dim() > 0:
+                seen.append("host-data-to-device")  # torch.tensor([...]) copied in every step
+            return func(*args, **(kwargs or {}))
+
+    host_reads: list[str] = []
+    for method in ("tolist", "numpy", "item"):
+        real = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _r=real, **k: (host_reads.append(_m),
+                                                                                              _r(self, *a, **k))[1])
+    with Record():
+        out = train_step(objective, model, batch, pools, 0.5, optimizers, scaler, runtime, ema_m=0.99, step=2)
+    monkeypatch.undo()
+    assert len(seen) > 100  # the step really ran under the recorder
+    syncing = sorted({op for op in seen if op in _SYNCING_OPS})
+    assert syncing == [], f"host synchronisation inside the training step: {syncing}"
+    assert host_reads == []
+    assert isinstance(out.loss, torch.Tensor) and bool(out.finite)
+    assert set(out.values()) == {"loss", "loss_hp", "loss_consistency", "loss_linear", "loss_cluster", "grad_norm"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode")
+def test_training_step_does_not_synchronise_on_cuda(tiny_cfg):
+    from hpseg.train import train_step
+
+    model, objective, optimizers, pools, batch, _ = _tiny_step_parts(tiny_cfg)
+    from hpseg.runtime import Runtime
+
+    runtime = Runtime.create("cuda", "fp16")
+    model.cuda()
+    from hpseg.train import Optimizers
+
+    optimizers = Optimizers(model, tiny_cfg().train)
+    pools.agnostic, pools.specific = pools.agnostic.cuda(), pools.specific.cuda()
+    scaler = runtime.grad_scaler()
+    for it in range(2):
+        train_step(objective, model, batch, pools, 0.5, optimizers, scaler, runtime, ema_m=0.99, step=it)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in range(2, 5):
+            train_step(objective, model, batch, pools, 0.5, optimizers, scaler, runtime, ema_m=0.99, step=it)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, tmp_path, monkeypatch):
+    """The finiteness check is deferred to log and save points (no sync per step), but a
+    non-finite loss still stops the run with a one-line error before any file is written with it."""
+    import hpseg.train as train_module
+
+    real = train_module.train_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", poisoned)
+    cfg = tiny_cfg("train.log_freq=100")  # the check comes from the validation after iteration 3
+    with pytest.raises(HPSegError, match="non-finite loss at iteration 2"):
+        train_one(cfg, tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["state"]["iteration"] == 2  # the validation at iteration 2 saved; nothing after it

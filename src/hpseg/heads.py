@@ -143,7 +143,8 @@ class ClusterProbe(nn.Module):
         """
         cos = self.cosine(code)
         if alpha is None:
-            probs = F.one_hot(cos.argmax(1), cos.shape[1]).permute(0, 3, 1, 2).to(cos.dtype)
+            # one-hot of the nearest centroid (F.one_hot would read the indices back on CPU)
+            probs = torch.zeros_like(cos).scatter_(1, cos.argmax(1, keepdim=True), 1.0)
         else:
             probs = torch.softmax(cos * alpha, dim=1)
         loss = -(probs * cos).sum(1).mean()
@@ -186,7 +187,7 @@ def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tens
     back to the host, and with deterministic kernels only (:func:`upsample_bilinear`, a gather).
     """
     n_classes = logits.shape[1]
-    log_p = torch.log_softmax(upsample_bilinear(logits.float(), label.shape[-2:]), dim=1)
+    log_p = torch.log_softmax(upsample_bilinear(logits.float(), (label.shape[-2], label.shape[-1])), dim=1)
     valid = (label >= 0) & (label < n_classes)
     nll = -log_p.gather(1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
     return torch.where(valid, nll, 0.0).sum() / valid.sum().clamp_min(1)

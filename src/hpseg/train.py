@@ -185,16 +185,18 @@ class Optimizers:
     authors' code does not. Clipping applies to the segmentation head only.
     """
 
-    def __init__(self, model: HPModel, train: TrainConfig) -> None:
+    def __init__(self, model: HPModel, train: TrainConfig, *, fused: bool | None = None) -> None:
         self.head_params = list(model.head.parameters())
-        # CUDA: fused kernels, which also take the gradient scaler's overflow flag on the device
-        # (no host synchronisation in GradScaler.step); elsewhere PyTorch's default implementation
-        fused = {"fused": True} if self.head_params[0].device.type == "cuda" else {}
+        # fused kernels (default on CUDA) also take the gradient scaler's overflow flag on the
+        # device: no host synchronisation in GradScaler.step; elsewhere PyTorch's default kernels
+        if fused is None:
+            fused = self.head_params[0].device.type == "cuda"
+        kwargs: dict[str, Any] = {"fused": True} if fused else {}
         self.all: dict[str, torch.optim.Optimizer] = {
-            "head": torch.optim.AdamW(self.head_params, lr=train.lr_head, weight_decay=train.weight_decay, **fused),
-            "projection": torch.optim.Adam(model.projection.parameters(), lr=train.lr_projection, **fused),
-            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=train.lr_linear, **fused),
-            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=train.lr_cluster, **fused),
+            "head": torch.optim.AdamW(self.head_params, lr=train.lr_head, weight_decay=train.weight_decay, **kwargs),
+            "projection": torch.optim.Adam(model.projection.parameters(), lr=train.lr_projection, **kwargs),
+            "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=train.lr_linear, **kwargs),
+            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=train.lr_cluster, **kwargs),
         }
         self.grad_clip = train.grad_clip
 

@@ -177,6 +177,7 @@ def _sparse_chunk(
 
 def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense path: the chunk's contribution to the loss and its counts ``(A, T, kept, |den|, truncated)``."""
+    keep: torch.Tensor | None
     if batch.negative_keep is not None:
         keep, truncated = batch.negative_keep[rows], batch.f.new_zeros((), dtype=torch.int64)
     else:

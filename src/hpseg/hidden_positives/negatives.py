@@ -199,13 +199,13 @@ def _draw(
         keys = anchor * n + c + (c >= anchor + rows.start)
         return torch.from_numpy(keys), torch.from_numpy(valid), torch.tensor(int(valid[:, -1].sum()))
     u = _uniform53_torch(key, images, count, device)
-    pos = _gaps_torch(u, _threshold_table(rho, trials, device), rho, trials).add_(1).cumsum_(1).sub_(1)
-    valid = pos < trials
-    r = pos.div(n - 1, rounding_mode="floor")
-    c = pos - r * (n - 1)
-    anchor = r + torch.arange(len(images), device=device).mul_(per_image)[:, None]
-    keys = anchor * n + c + (c >= anchor + rows.start).to(torch.int64)  # skip the anchor's own column
-    return keys, valid, valid[:, -1].sum()
+    t_pos = _gaps_torch(u, _threshold_table(rho, trials, device), rho, trials).add_(1).cumsum_(1).sub_(1)
+    t_valid = t_pos < trials
+    t_r = t_pos.div(n - 1, rounding_mode="floor")
+    t_c = t_pos - t_r * (n - 1)
+    t_anchor = t_r + torch.arange(len(images), device=device).mul_(per_image)[:, None]
+    t_keys = t_anchor * n + t_c + (t_c >= t_anchor + rows.start).to(torch.int64)  # skip the anchor itself
+    return t_keys, t_valid, t_valid[:, -1].sum()
 
 
 def negative_keys(
