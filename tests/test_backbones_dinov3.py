@@ -326,6 +326,14 @@ def test_unknown_or_unsupported_backbone_lists_the_families(name: str) -> None:
     assert "timm VisionTransformer" in msg and "timm Eva (DINOv3" in msg and "DINO v1" in msg
 
 
+def test_unusable_timm_models_fail_before_any_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _offline(monkeypatch, tmp_path)  # a weights check would fail differently: the family check comes first
+    with pytest.raises(HPSegError, match="resnet18.*supported families"):
+        build_backbone("resnet18")
+    with pytest.raises(HPSegError, match="no CLS token"):
+        build_backbone("vit_base_patch16_siglip_224")
+
+
 def test_hpseg_config_lists_the_short_names(capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 

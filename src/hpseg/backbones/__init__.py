@@ -29,6 +29,7 @@ from hpseg.backbones.families import (
     adapt,
     backbone_from_arch,
     convert_state_dict,
+    require_supported,
     supported_families,
     timm_model,
 )
@@ -154,6 +155,7 @@ def _timm_backbone(
             sd, source = load_weights_file(meta), str(meta)
     if sd is None:
         if pretrained:
+            require_supported(name, **kwargs)  # before naming files to download for it
             check_timm_weights_reachable(resolve_timm_name(name), release, label=name)
         try:
             vit = timm_model(name, pretrained=pretrained, **kwargs)

@@ -28,6 +28,7 @@ __all__ = [
     "adapt",
     "backbone_from_arch",
     "convert_state_dict",
+    "require_supported",
     "supported_families",
     "timm_model",
 ]
@@ -47,13 +48,7 @@ def adapt(model: nn.Module, name: str) -> Backbone:
     Raises:
         HPSegError: no family accepts it — naming the families supported.
     """
-    for family in FAMILIES:
-        if family is not DinoViT and family.accepts(model):
-            return family(model, name)
-    raise HPSegError(
-        f"backbone {name!r} is a timm {type(model).__name__}, which HP cannot use: pick a ViT with a "
-        f"CLS token from the supported families ({supported_families()})"
-    )
+    return adapt_family(model, name)(model, name)
 
 
 def timm_model(name: str, *, pretrained: bool, **kwargs: Any) -> Any:
@@ -69,6 +64,34 @@ def timm_model(name: str, *, pretrained: bool, **kwargs: Any) -> Any:
             f"backbone {name!r} cannot be built as a ViT with a dynamic image size ({exc}): pick a ViT with a "
             f"CLS token from the supported families ({supported_families()})"
         ) from exc
+
+
+def require_supported(name: str, **kwargs: Any) -> None:
+    """Fail fast (before any download) when the timm model ``name`` is of no supported family:
+    it is built on the ``meta`` device (no memory, no weights) and checked."""
+    with torch.device("meta"):
+        model = timm_model(name, pretrained=False, **kwargs)
+    adapt_family(model, name)
+
+
+def adapt_family(model: nn.Module, name: str) -> type[Backbone]:
+    """The family (adapter class) of ``model``.
+
+    Raises:
+        HPSegError: no family accepts it — naming the families supported.
+    """
+    for family in FAMILIES:
+        if family is not DinoViT and family.accepts(model):
+            if getattr(model, "cls_token", None) is None:
+                raise HPSegError(
+                    f"backbone {name!r} has no CLS token: HP needs a ViT with a class token (e.g. "
+                    "dinov3_vits16, vit_small_patch14_reg4_dinov2)"
+                )
+            return family
+    raise HPSegError(
+        f"backbone {name!r} is a timm {type(model).__name__}, which HP cannot use: pick a ViT with a "
+        f"CLS token from the supported families ({supported_families()})"
+    )
 
 
 def convert_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
