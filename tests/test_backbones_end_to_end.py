@@ -19,7 +19,7 @@ from hpseg.backbones import build_backbone
 from hpseg.checkpoint import load_model
 from hpseg.config import build_config
 from hpseg.export import export_model, verify_export
-from hpseg.pipeline import evaluate_path, train_one
+from hpseg.pipeline import evaluate_path, run_baseline, train_one
 from hpseg.segmenter import Segmenter
 
 # (backbone, resolution: a 3×3 patch grid, family, extra overrides)
@@ -49,32 +49,29 @@ def test_train_evaluate_segment_export(
         monkeypatch.setattr(
             pipeline, "build_backbone", lambda name, *a, **k: build_backbone(name, *a, **k, timm_kwargs=TINY_TIMM)
         )
-    cfg = build_config(
-        "synthetic",
-        [
-            f"model.backbone={backbone}",
-            "model.pretrained=false",
-            "model.dim=8",
-            f"data.resolution={resolution}",
-            f"data.eval_resolution={resolution}",
-            "data.synthetic_train_images=4",
-            "data.synthetic_val_images=2",
-            "data.synthetic_classes=3",
-            "train.batch_size=4",
-            "train.epochs=1",
-            "train.max_iters=1",
-            "train.valid_freq=1",
-            "train.progress=false",
-            "loss.pool_size=4",
-            "loss.warmup=0",
-            "loss.renew_interval=1",
-            "eval.batch_size=2",
-            "eval.n_gallery=1",
-            f"train.out_dir={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
-    summary = train_one(cfg, tmp_path / "run")
+    settings = [
+        f"model.backbone={backbone}",
+        "model.pretrained=false",
+        "model.dim=8",
+        f"data.resolution={resolution}",
+        f"data.eval_resolution={resolution}",
+        "data.synthetic_train_images=4",
+        "data.synthetic_val_images=2",
+        "data.synthetic_classes=3",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "train.max_iters=1",
+        "train.valid_freq=1",
+        "train.progress=false",
+        "loss.pool_size=4",
+        "loss.warmup=0",
+        "loss.renew_interval=1",
+        "eval.batch_size=2",
+        "eval.n_gallery=1",
+        f"train.out_dir={tmp_path / 'run'}",
+        *extra,
+    ]
+    summary = train_one(build_config("synthetic", settings), tmp_path / "run")
     assert summary["iterations"] == 1
     if "train.cache_features=true" in extra:
         assert any((tmp_path / "run" / "feature_cache").iterdir())
@@ -86,6 +83,8 @@ def test_train_evaluate_segment_export(
     results = evaluate_path(best, out_dir=tmp_path / "eval")
     assert results.protocol.n_images == 2
     assert 0.0 <= results.metrics["unsupervised"].accuracy <= 100.0
+    baseline = run_baseline("synthetic", settings)  # k-means on the same frozen backbone
+    assert baseline.baseline and all(0.0 <= m.accuracy <= 100.0 for m in baseline.baseline.values())
 
     p = model.backbone.patch_size
     image = np.random.default_rng(0).integers(0, 256, (2 * p + 5, 4 * p + 3, 3), dtype=np.uint8)
