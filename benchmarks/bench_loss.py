@@ -23,7 +23,9 @@ and task-specific positives per anchor, kept anchors, denominator size, pairs ev
 sparse path) are reported.
 
 Implementations (``--impls``): ``sparse`` = ``hidden_positive_loss(path="sparse")``, ``dense`` =
-``path="dense"``, ``reference`` = ``reference_loss.reference_hidden_positive_loss``. They are timed
+``path="dense"``, ``dense-compiled`` = the dense path with ``compile_chunks=True``
+(``loss.compile=true``: its chunk through ``torch.compile``; meant for GPUs, where Inductor fuses the
+element-wise passes; the first call compiles), ``reference`` = ``reference_loss.reference_hidden_positive_loss``. They are timed
 in one process, interleaved (A B C, B C A, …) after warm-up runs, so that load from other
 processes affects them alike; min and median of the wall-clock seconds of
 ``loss = f(...); loss.backward()`` (device synchronised on CUDA) are reported. ``hpseg`` draws its
@@ -60,7 +62,7 @@ SCALES = {
     "paper": {"B": 64, "S": 28, "D": 512, "F": 384, "P": 2048},
     "paper16": {"B": 64, "S": 28, "D": 16, "F": 16, "P": 2048},
 }
-IMPLS = ("sparse", "dense", "reference")
+IMPLS = ("sparse", "dense", "dense-compiled", "reference")
 
 
 def _cpu_name() -> str:
@@ -179,9 +181,10 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     rest = (x["feats"], x["code_ema"], x["pool_agnostic"], x["pool_specific"])
     modules = {
         impl: HiddenPositiveLoss(
-            args.tau, args.rho, path=impl, memory_gb=args.memory_gb, chunk_images=args.chunk_images
+            args.tau, args.rho, path=impl.split("-")[0], memory_gb=args.memory_gb, chunk_images=args.chunk_images,
+            compile_chunks=impl == "dense-compiled",  # torch.compile of the dense chunk (loss.compile=true)
         )
-        for impl in ("sparse", "dense")
+        for impl in ("sparse", "dense", "dense-compiled")
     }
 
     def loss_fn(impl: str, z: torch.Tensor, z_lhp: torch.Tensor, rho: float | None = None) -> torch.Tensor:
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = {k: r for k, r in results.items() if "median_s" in r}
     if "reference" in ok:
-        for impl in ("sparse", "dense"):
+        for impl in ("sparse", "dense", "dense-compiled"):
             if impl in ok:
                 report[f"speedup_{impl}_median"] = ok["reference"]["median_s"] / ok[impl]["median_s"]
                 report[f"speedup_{impl}_min"] = ok["reference"]["min_s"] / ok[impl]["min_s"]
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             ok["dense"]["loss"]
         )
     if "reference" in ok and "loss_rho1" in ok["reference"]:
-        for impl in ("sparse", "dense"):
+        for impl in ("sparse", "dense", "dense-compiled"):
             if impl in ok and "loss_rho1" in ok[impl]:
                 report[f"{impl}_vs_reference_loss_rho1_rel_diff"] = abs(
                     ok[impl]["loss_rho1"] - ok["reference"]["loss_rho1"]
@@ -449,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, r in results.items():
         if "median_s" not in r:
-            print(f"  {name:9s} ERROR {r.get('error')}")
+            print(f"  {name:14s} ERROR {r.get('error')}")
             continue
         print(
-            f"  {name:9s} min {r['min_s'] * 1e3:9.1f} ms  median {r['median_s'] * 1e3:9.1f} ms  "
+            f"  {name:14s} min {r['min_s'] * 1e3:9.1f} ms  median {r['median_s'] * 1e3:9.1f} ms  "
             f"peak mem {r.get('peak_mem_mb', float('nan')):9.1f} MiB  loss {r['loss']:.6f}"
         )
         if "stats" in r:

@@ -768,3 +768,46 @@ def test_pool_thresholds_and_sample_pool_entries() -> None:
         assert (patches[i] - entries[i, :, None]).abs().amax(dim=0).min() < 1e-6
     again = sample_pool(maps, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(entries, again)
+
+
+# ------------------------------------------------------------------------------------------
+# the dense chunk through torch.compile (loss.compile=true)
+# ------------------------------------------------------------------------------------------
+
+
+def _dense_with(inputs: dict[str, torch.Tensor], compile_chunks: bool) -> tuple[torch.Tensor, ...]:
+    return _value_and_grads(hidden_positive_loss, inputs, num_images=3, tau=0.8, lam=0.5, rho=0.3, path="dense",
+                            chunk_images=2, seed=1, step=2, compile_chunks=compile_chunks)
+
+
+def test_compiled_dense_chunk_is_one_graph_with_the_eager_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` traces the dense chunk as one graph (no break: every element-wise pass can
+    fuse) and gives the eager values. On CPU the graph runs through AOTAutograd without code
+    generation (Inductor's C++ build takes a minute here); on CUDA the test below uses Inductor."""
+    import hpseg.hidden_positives.dense as dense
+    import hpseg.hidden_positives.loss as loss_module
+
+    inputs = _problem(3, 4, 8, 8, 8, seed=21)
+    want = _dense_with(inputs, compile_chunks=False)
+    monkeypatch.setattr(loss_module, "compiled_dense_chunk_terms", lambda: dense.compiled_dense_chunk_terms("aot_eager"))
+    torch._dynamo.reset()
+    _assert_parity(_dense_with(inputs, compile_chunks=True), want)
+    # one graph, no break (a break would split the fused kernels on a GPU)
+    n, m = 48, 32
+    x = inputs
+    explained = torch._dynamo.explain(dense.dense_chunk_terms)(
+        (x["z"][:m], x["z_lhp"][:m]), (x["z"], x["z_lhp"]), x["feats"][:m], x["feats"], x["code_ema"][:m],
+        x["code_ema"], (torch.zeros(m), torch.zeros(m)), (torch.zeros(n), torch.zeros(n)), torch.arange(m),
+        torch.zeros(m, n, dtype=torch.bool), images=2, lam=0.5, tau=0.8, reweight=True, dtype=torch.float32,
+        need_grad=(True, True), grad_scale=-1.0,
+    )
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Inductor's fused kernels on a GPU")
+def test_compiled_dense_chunk_on_cuda_equals_eager() -> None:
+    inputs = {k: v.cuda() for k, v in _problem(3, 4, 8, 8, 8, seed=22).items()}
+    want = _dense_with(inputs, compile_chunks=False)
+    got = _dense_with(inputs, compile_chunks=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

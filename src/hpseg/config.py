@@ -88,6 +88,7 @@ class LossConfig:
     reweight: bool = True
     memory_gb: float | None = None  # memory budget of the loss's similarity blocks (None: sized for the device)
     chunk_images: int | None = None  # anchor images per chunk of the loss; None: from memory_gb
+    compile: bool = False  # torch.compile the dense path's chunk (fused kernels; for GPUs, see RESULTS.md)
     path: str = "auto"  # how the loss is evaluated: auto, dense or sparse (same values; speed only)
 
 

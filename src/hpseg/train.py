@@ -483,7 +483,7 @@ def fit(
     model.to(runtime.device)
     hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
                                  chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype,
-                                 seed=negatives_seed(train.seed, runtime.rank))
+                                 seed=negatives_seed(train.seed, runtime.rank), compile_chunks=loss.compile)
     objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
     step_module: nn.Module = objective
     if runtime.world_size > 1:  # the objective's modules hold no buffers: buffer syncing is a no-op

@@ -47,9 +47,8 @@ from torch.autograd.function import once_differentiable
 
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
-from hpseg.hidden_positives.dense import dense_contrastive_chunk
+from hpseg.hidden_positives.dense import anchor_coefficients, compiled_dense_chunk_terms, dense_chunk_terms
 from hpseg.hidden_positives.inputs import check_loss_inputs
-from hpseg.hidden_positives.masks import positive_masks
 from hpseg.hidden_positives.negatives import negative_keep_mask, negative_keys
 from hpseg.hidden_positives.pools import default_matmul_dtype, pool_thresholds
 from hpseg.hidden_positives.sparse import (
@@ -98,32 +97,9 @@ class _LossOptions:
     matmul_dtype: torch.dtype
     seed: int
     step: int
+    compile: bool
     need_grad: tuple[bool, bool]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _anchor_coefficients(
-    kept: torch.Tensor, weight_sum: torch.Tensor, images: int, reweight: bool
-) -> torch.Tensor:
-    """``c_i`` such that an image's term is ``Σ_i c_i·Σ_j w_ij·log_p[i,j]`` ``(M,)``.
-
-    Reweighting on: ``c_i = 1/Σ_k W_k`` over the kept anchors ``k`` of i's image (this is
-    ``mean_i(mean_pos·pnm)`` with ``pnm_i = W_i / mean_k W_k``); off: ``c_i = 1/(K·W_i)``.
-    Dropped anchors get 0, and so does every anchor of an image without a kept one.
-
-    Args:
-        kept: ``(M,)`` bool, anchors with at least one task-agnostic positive.
-        weight_sum: ``W`` ``(M,)`` float32. images: images in the chunk (``M = images·S²``).
-    """
-    kept = kept.view(images, -1)
-    w = torch.where(kept, weight_sum.view(images, -1), torch.zeros_like(weight_sum.view(images, -1)))
-    if reweight:
-        total = w.sum(dim=1, keepdim=True)  # (images, 1)
-        coef = torch.where(kept, 1.0 / total.clamp_min(1e-30), torch.zeros_like(w))
-    else:
-        count = kept.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
-        coef = torch.where(kept, 1.0 / (count * w.clamp_min(1e-30)), torch.zeros_like(w))
-    return coef.reshape(-1)
 
 
 @dataclass
@@ -159,7 +135,7 @@ def _sparse_chunk(
         count_t = torch.bincount(t_c.div(n, rounding_mode="floor"), minlength=m).to(torch.float32)
     weight_sum = count_a + opt.lam * count_t
     kept = count_a > 0
-    coef = _anchor_coefficients(kept, weight_sum, images, opt.reweight)
+    coef = anchor_coefficients(kept, weight_sum, images, opt.reweight)
     if batch.negative_keep is not None:
         negatives, truncated = explicit_negative_keys(batch.negative_keep, rows, n), count_a.new_zeros(())
     else:
@@ -184,25 +160,19 @@ def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> 
         keep, truncated = negative_keep_mask(rows, batch.per_image, batch.n, rho=opt.rho, seed=opt.seed,
                                              step=opt.step, device=batch.f.device)
     r_ag, r_sp = batch.thresholds
-    masks = positive_masks(batch.f, batch.s, r_ag, r_sp, rows, keep=keep, with_specific=opt.lam != 0.0,
-                           matmul_dtype=opt.matmul_dtype)
-    del keep
-    weights = masks.agnostic.to(torch.float32)
-    count_a = weights.sum(dim=1)
-    count_t = torch.zeros_like(count_a)
-    if masks.specific is not None:
-        weights.add_(masks.specific, alpha=opt.lam)
-        count_t = masks.specific.sum(dim=1).to(torch.float32)
-    weight_sum = count_a + opt.lam * count_t
-    coef = _anchor_coefficients(masks.kept, weight_sum, images, opt.reweight)
-    total = sum(
-        dense_contrastive_chunk(e, rows, masks, weights, weight_sum, coef, opt.tau, opt.matmul_dtype, grad,
-                                batch.scale)
-        for e, grad in zip(batch.embeddings, batch.grads)
+    z, z_lhp = batch.embeddings
+    terms = compiled_dense_chunk_terms() if opt.compile else dense_chunk_terms
+    total, counts, grads = terms(
+        (z[rows], z_lhp[rows]), batch.embeddings, batch.f[rows], batch.f, batch.s[rows], batch.s,
+        (r_ag[rows], r_sp[rows]), (r_ag, r_sp), torch.arange(rows.start, rows.stop, device=z.device), keep,
+        images=images, lam=opt.lam, tau=opt.tau, reweight=opt.reweight, dtype=opt.matmul_dtype,
+        need_grad=(batch.grads[0] is not None, batch.grads[1] is not None), grad_scale=batch.scale,
     )
-    counts = torch.stack([count_a.sum(), count_t.sum(), masks.kept.sum(), masks.denominator.sum(),
-                          truncated.to(count_a.dtype)])
-    return torch.as_tensor(total), counts.double()
+    for acc, grad in zip(batch.grads, grads):
+        if acc is not None and grad is not None:
+            acc[rows] += grad[0]
+            acc += grad[1]
+    return total, torch.cat([counts, truncated.to(counts.dtype).view(1)])
 
 
 class _HiddenPositiveLoss(torch.autograd.Function):
@@ -286,6 +256,7 @@ def _hidden_positive_loss(
     seed: int,
     step: int,
     matmul_dtype: torch.dtype | None,
+    compile_chunks: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The loss and its raw batch statistics (:func:`loss_stats`); the one implementation."""
     check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
@@ -303,6 +274,7 @@ def _hidden_positive_loss(
         matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
         seed=int(seed),
         step=int(step),
+        compile=bool(compile_chunks),
         need_grad=(
             torch.is_grad_enabled() and z.requires_grad,
             torch.is_grad_enabled() and z_lhp.requires_grad,
@@ -338,6 +310,7 @@ def hidden_positive_loss(
     step: int = 0,
     generator: torch.Generator | None = None,
     matmul_dtype: torch.dtype | None = None,
+    compile_chunks: bool = False,
 ) -> torch.Tensor:
     """The Hidden Positives contrastive loss, GHP + LHP (docs/method.md §4–5), ``(L(z) + L(z_lhp))/2``.
 
@@ -373,6 +346,8 @@ def hidden_positive_loss(
             from it (one integer per call), so every call draws fresh negatives.
         matmul_dtype: dtype of the similarity products; default float16 on CUDA (the
             authors' autocast; dense gradient products then use bfloat16), float32 elsewhere.
+        compile_chunks: run the dense path's chunks through ``torch.compile`` (fused element-wise
+            kernels; :func:`~.dense.compiled_dense_chunk_terms`); same values up to rounding.
 
     Returns:
         Scalar loss. Differentiable w.r.t. ``z`` and ``z_lhp`` (first order only).
@@ -380,7 +355,7 @@ def hidden_positive_loss(
     loss, _ = _hidden_positive_loss(
         z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=tau, lam=lam, rho=rho,
         negative_keep=negative_keep, reweight=reweight, chunk_images=chunk_images, memory_gb=memory_gb, path=path,
-        seed=_seed_from(generator, seed), step=step, matmul_dtype=matmul_dtype,
+        seed=_seed_from(generator, seed), step=step, matmul_dtype=matmul_dtype, compile_chunks=compile_chunks,
     )
     return loss
 
@@ -429,6 +404,7 @@ class HiddenPositiveLoss(nn.Module):
         path: ``"auto"``, ``"dense"`` or ``"sparse"`` (see :mod:`~hpseg.hidden_positives.loss`).
         matmul_dtype: dtype of the similarity products (default float16 on CUDA, float32 elsewhere).
         seed: the run's seed of the negatives draw (with the ``step`` of each forward).
+        compile_chunks: the dense path's chunks through ``torch.compile`` (see :func:`hidden_positive_loss`).
 
     Attributes:
         stats: plain Python values about the last batch, read from the device when accessed
@@ -453,6 +429,7 @@ class HiddenPositiveLoss(nn.Module):
         path: str = "auto",
         matmul_dtype: torch.dtype | None = None,
         seed: int = 0,
+        compile_chunks: bool = False,
     ) -> None:
         super().__init__()
         if path not in PATHS:
@@ -465,6 +442,7 @@ class HiddenPositiveLoss(nn.Module):
         self.path = path
         self.matmul_dtype = matmul_dtype
         self.seed = int(seed)
+        self.compile_chunks = bool(compile_chunks)
         self._raw_stats: dict[str, Any] = {}
 
     @property
@@ -475,7 +453,7 @@ class HiddenPositiveLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"tau={self.tau}, rho={self.rho}, reweight={self.reweight}, memory_gb={self.memory_gb}, "
-            f"chunk_images={self.chunk_images}, path={self.path!r}, seed={self.seed}"
+            f"chunk_images={self.chunk_images}, path={self.path!r}, seed={self.seed}, compile_chunks={self.compile_chunks}"
         )
 
     def forward(
@@ -510,6 +488,6 @@ class HiddenPositiveLoss(nn.Module):
             z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=self.tau, lam=lam,
             rho=self.rho, negative_keep=negative_keep, reweight=self.reweight, chunk_images=self.chunk_images,
             memory_gb=self.memory_gb, path=self.path, seed=_seed_from(generator, self.seed), step=step,
-            matmul_dtype=self.matmul_dtype,
+            matmul_dtype=self.matmul_dtype, compile_chunks=self.compile_chunks,
         )
         return loss

@@ -7,8 +7,8 @@ floats is positive exactly when the first is larger, so the two forms agree bit 
 
 Two ways to evaluate it, on the same margins:
 
-* :func:`positive_masks` — dense boolean ``(M, N)`` masks for a block of ``M`` anchor rows (the
-  dense loss path and the tests' reference);
+* :func:`positive_masks` / :func:`block_masks` — dense boolean ``(M, N)`` masks for a block of
+  ``M`` anchor rows (the dense loss path and the tests' reference);
 * :func:`positive_pair_keys` — the positives of the whole batch as a sorted list of pair keys
   ``i·N + j`` (the sparse loss path). Positives are rare (a candidate must beat the closest of the
   ``P`` pool entries, about ``1/P`` of candidates per side), so they are found by screening blocks
@@ -73,16 +73,41 @@ def threshold_margin(
 
 
 def _symmetric_positives(
-    x: torch.Tensor, r: torch.Tensor, rows: slice, self_cols: torch.Tensor, dtype: torch.dtype
+    x_rows: torch.Tensor, x: torch.Tensor, r_rows: torch.Tensor, r: torch.Tensor, self_cols: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``x_i·x_j > r_i or x_i·x_j > r_j`` for anchors ``i`` in ``rows``, ``j ≠ i`` ``(M, N)`` bool."""
-    sim = _similarity(x[rows], x, dtype)
-    margin = threshold_margin(sim, r[rows], r)
+    """``x_i·x_j > r_i or x_i·x_j > r_j`` for the anchor rows ``x_rows`` against ``x``, ``j ≠ i`` ``(M, N)`` bool."""
+    sim = _similarity(x_rows, x, dtype)
+    margin = threshold_margin(sim, r_rows, r)
     del sim
     mask = margin > 0
     del margin
-    mask[torch.arange(mask.shape[0], device=mask.device), self_cols] = False
-    return mask
+    return mask.scatter_(1, self_cols.unsqueeze(1), False)  # an anchor is not its own positive
+
+
+def block_masks(
+    f_rows: torch.Tensor,
+    f: torch.Tensor,
+    s_rows: torch.Tensor,
+    s: torch.Tensor,
+    thresholds_rows: tuple[torch.Tensor, torch.Tensor],
+    thresholds: tuple[torch.Tensor, torch.Tensor],
+    self_cols: torch.Tensor,
+    keep: torch.Tensor | None,
+    *,
+    with_specific: bool,
+    dtype: torch.dtype,
+) -> PositiveMasks:
+    """:func:`positive_masks` on anchor rows already cut out of the batch (``(M, ·)`` tensors and
+    ``self_cols`` ``(M,)``, each anchor's own column): no Python slice, so that one compiled graph
+    serves every chunk of a batch (:mod:`~hpseg.hidden_positives.dense`)."""
+    agnostic = _symmetric_positives(f_rows, f, thresholds_rows[0], thresholds[0], self_cols, dtype)
+    specific = None
+    if with_specific:
+        specific = _symmetric_positives(s_rows, s, thresholds_rows[1], thresholds[1], self_cols, dtype)
+    denominator = torch.ones_like(agnostic) if keep is None else agnostic | keep
+    denominator.scatter_(1, self_cols.unsqueeze(1), False)
+    return PositiveMasks(agnostic, specific, denominator, agnostic.any(dim=1))
 
 
 def positive_masks(
@@ -114,14 +139,8 @@ def positive_masks(
     """
     dtype = matmul_dtype or default_matmul_dtype(feats.device)
     self_cols = torch.arange(rows.start, rows.stop, device=feats.device)
-    agnostic = _symmetric_positives(feats, r_agnostic, rows, self_cols, dtype)
-    specific = _symmetric_positives(code_ema, r_specific, rows, self_cols, dtype) if with_specific else None
-    if keep is None:
-        denominator = torch.ones_like(agnostic)
-    else:
-        denominator = agnostic | keep
-    denominator[torch.arange(agnostic.shape[0], device=agnostic.device), self_cols] = False
-    return PositiveMasks(agnostic, specific, denominator, agnostic.any(dim=1))
+    return block_masks(feats[rows], feats, code_ema[rows], code_ema, (r_agnostic[rows], r_specific[rows]),
+                       (r_agnostic, r_specific), self_cols, keep, with_specific=with_specific, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------
