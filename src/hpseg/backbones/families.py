@@ -26,6 +26,7 @@ from hpseg.errors import HPSegError
 __all__ = [
     "FAMILIES",
     "adapt",
+    "adapt_family",
     "backbone_from_arch",
     "convert_state_dict",
     "require_supported",
