@@ -17,6 +17,7 @@ from hpseg import backbones
 from hpseg.backbones import (
     Backbone,
     BackboneArch,
+    BackboneContract,
     TimmViT,
     backbone_from_arch,
     build_backbone,
@@ -24,6 +25,7 @@ from hpseg.backbones import (
     infer_dino_arch,
 )
 from hpseg.errors import HPSegError
+from hpseg.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 TINY = BackboneArch("dino_custom", patch_size=8, embed_dim=128, depth=2, num_heads=2, pos_grid=(4, 4))
 
@@ -110,6 +112,15 @@ def test_forward_shapes_and_attention_can_be_skipped() -> None:
     skipped = bb(x, with_attention=False)
     assert skipped.attn_logits is None
     torch.testing.assert_close(skipped.feats, out.feats)
+
+
+def test_every_family_meets_the_contract() -> None:
+    dino = tiny_backbone()
+    reg = TimmViT(tiny_register_vit(), "tiny_reg")
+    for bb, family in ((dino, "dino"), (reg, "timm-vit")):
+        assert isinstance(bb, BackboneContract) and bb.family == family
+        assert (bb.mean, bb.std) == (IMAGENET_MEAN, IMAGENET_STD)  # DINO and DINOv2: ImageNet statistics
+    assert dino.dino_family and not reg.dino_family
 
 
 def test_image_size_not_multiple_of_patch_is_a_clear_error() -> None:
