@@ -249,5 +249,7 @@ def negative_keep_mask(
     keep = torch.zeros(m * n + 1, dtype=torch.bool, device=device)
     if per_image * (n - 1) > 0 and rho > 0.0 and m > 0:
         keys, valid, truncated = _draw(seed, step, rows, per_image, n, rho, device)
-        keep[torch.where(valid, keys, m * n).view(-1)] = True
+        # a constant written to each listed slot: index_fill_ is order-independent (deterministic)
+        # without the sort that deterministic index_put_ needs on a GPU
+        keep.index_fill_(0, torch.where(valid, keys, m * n).view(-1), True)
     return keep[: m * n].view(m, n), truncated
