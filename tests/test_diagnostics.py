@@ -192,3 +192,32 @@ def test_cluster_usage_on_known_cluster_sizes():
     assert cluster_usage([0, 0]) == {"cluster_entropy": 0.0, "empty_clusters": 2}
     with pytest.raises(HPSegError, match="non-negative"):
         cluster_usage([4, -1, 2])
+
+
+def test_positives_per_anchor_describes_a_full_batch_whatever_the_validation_size() -> None:
+    """A validation set smaller than one training batch gives the positives an anchor would get
+    among a full batch's candidates, not the raw count of its smaller batch."""
+    from torch.utils.data import DataLoader
+
+    from hpseg.backbones import BackboneArch, backbone_from_arch
+    from hpseg.diagnostics import hidden_positive_diagnostics
+    from hpseg.model import HPModel
+    from hpseg.runtime import Runtime
+
+    torch.manual_seed(0)
+    model = HPModel.create(backbone_from_arch(BackboneArch("dino_custom", 8, 32, 1, 1, (4, 4))), dim=8,
+                           n_classes=3, n_clusters=3).eval()
+    g = torch.Generator().manual_seed(1)
+    items = [{"img": torch.randn(3, 32, 32, generator=g), "label": torch.full((32, 32), -1)} for _ in range(4)]
+    pools = (F.normalize(torch.randn(6, 32, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1))
+    cpu = Runtime.create("cpu", "fp32")
+
+    def run(batch_size: int) -> dict:
+        loader = DataLoader(items, batch_size=batch_size)
+        return hidden_positive_diagnostics(model, loader, *pools, cpu, tau=0.8, sigma=28.0)
+
+    full, partial = run(4), run(8)  # the same four images: a full batch of 4, a partial batch of 8
+    n4, n8 = 4 * 16, 8 * 16  # patches of a 4x4 grid per image
+    assert full["positives_per_anchor"] > 0
+    assert partial["positives_per_anchor"] == pytest.approx(full["positives_per_anchor"] * (n8 - 1) / (n4 - 1))
+    assert partial["kept_anchor_fraction"] == full["kept_anchor_fraction"]
