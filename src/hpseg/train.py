@@ -481,14 +481,7 @@ def fit(
                            torch.Generator().manual_seed(train.seed + 7919 * (runtime.rank + 1)))
 
     model.to(runtime.device)
-    hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
-                                 chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype,
-                                 seed=negatives_seed(train.seed, runtime.rank), compile_chunks=loss.compile)
-    objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
-    step_module: nn.Module = objective
-    if runtime.world_size > 1:  # the objective's modules hold no buffers: buffer syncing is a no-op
-        step_module = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    hp_loss, step_module = _objective(model, loss, train.seed, runtime)
     optimizers = Optimizers(model, train)
     scaler = runtime.grad_scaler()
     state = TrainState()
@@ -557,6 +550,19 @@ def fit(
         ckpt.write_summary(summary)
     dist.barrier()
     return summary
+
+
+def _objective(model: HPModel, loss: LossConfig, seed: int, runtime: Runtime) -> tuple[HiddenPositiveLoss, nn.Module]:
+    """The loss module and the step module (:class:`HPObjective`, wrapped by DDP when distributed)."""
+    hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
+                                 chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype,
+                                 seed=negatives_seed(seed, runtime.rank), compile_chunks=loss.compile)
+    objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
+    if runtime.world_size == 1:
+        return hp_loss, objective
+    # the objective's modules hold no buffers: DDP's buffer syncing is a no-op
+    return hp_loss, nn.parallel.DistributedDataParallel(
+        objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
 
 def _validate(model: HPModel, pools: ReferencePools, validate: Validator | None, state: TrainState,
