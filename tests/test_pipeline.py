@@ -189,3 +189,26 @@ def test_failed_starts_leave_nothing_behind(tmp_path, tiny_backbone_file):
     with pytest.raises(HPSegError, match=r"2 of 6 images .* cannot be read .*data.max_skipped_fraction"):
         run_training(_folder_config(damaged, tmp_path / "run2", f"model.weights={tiny_backbone_file}"))
     assert not (tmp_path / "run2").exists()
+
+
+def test_folder_holdout_is_never_trained_on_and_stable(tmp_path) -> None:
+    from PIL import Image
+
+    from hpseg.pipeline import build_train_set, build_val_set, holdout_indices
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(photos / f"p{i}.png")
+    cfg = build_config("folder", [f"data.root={photos}", "data.n_classes=3", "data.resolution=16",
+                                  "data.eval_resolution=16"])
+    train, val = build_train_set(cfg), build_val_set(cfg)
+    train_names = {train.name(i) for i in range(len(train))}
+    val_names = {val.name(i) for i in range(len(val))}
+    assert len(val_names) == 2 and not train_names & val_names and len(train_names | val_names) == 10
+    names = sorted(train_names | val_names)
+    _, held = holdout_indices(names, 0.2)
+    _, held_more = holdout_indices([*names, "q0", "q1", "q2"], 0.2)  # adding photos moves few held-out ones
+    assert {names[i] for i in held} & {([*names, "q0", "q1", "q2"])[i] for i in held_more}
+    everything = build_config("folder", [f"data.root={photos}", "data.n_classes=3", "data.holdout=0"])
+    assert len(build_train_set(everything)) == len(build_val_set(everything)) == 10
