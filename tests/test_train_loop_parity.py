@@ -73,16 +73,16 @@ class _Images(Dataset):
 
 
 def _batches(data: dict[str, torch.Tensor], order: list[int], batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``data`` (float16 images, int8 labels as stored) in ``order``."""
     for k in range(len(order) // batch):
         idx = torch.tensor(order[k * batch : (k + 1) * batch])
-        yield {"img": data["img"][idx].float(), "img_aug": data["img_aug"][idx].float(),
-               "label": data["label"][idx].long()}
+        yield {key: v[idx].long() if key == "label" else v[idx].float() for key, v in data.items()}
 
 
 class _RecordedPlan(train_module.DataPlan):
     """``fit``'s DataPlan, built by its own ``create`` (counts, max_iters), whose batches are the
-    recorded ones: epoch ``e`` in the authors' order, pass 0 for building the pools, the
-    recorded pass of each renewal after that."""
+    recorded ones: epoch ``e`` in the authors' order; for the pools, the recorded pass over the
+    pool images (pass 0 builds both pools, then one pass per renewal)."""
 
     golden: ClassVar[dict[str, Any]]
     log: ClassVar[dict[str, Any]]
@@ -104,7 +104,7 @@ class _RecordedPlan(train_module.DataPlan):
         else:
             order = self.golden["renewals"][self.log["renewal_passes"]]["order"]
             self.log["renewal_passes"] += 1
-        return _batches(self.golden["data"], order.tolist(), self.per_rank)
+        return _batches(self.golden["pool_data"], order.tolist(), self.per_rank)
 
 
 def _recorded_positions(golden: dict[str, Any]) -> dict[int, list[int]]:
@@ -200,6 +200,8 @@ def test_recording_crosses_what_the_loop_decides(golden: dict[str, Any]) -> None
     assert lams[0] == 0.0 and 0 < s["warmup"] < per_epoch and max(lams) > 0  # warm-up ends inside the run
     assert [r["before_iteration"] for r in golden["renewals"]]  # at least one renewal
     assert golden["validations"] and s["rho"] == 1.0 and s["dropout"] == 0.0
+    # every similarity ≥ 1e-5 from its thresholds: float32 rounding cannot flip a mask
+    assert min(min(r["margin_agnostic"], r["margin_specific"]) for r in iters) >= 1e-5
     clipped = [r["grad_norm"] > s["grad_norm"] for r in iters]
     assert any(clipped) and not all(clipped)
     defaults_train, defaults_loss = TrainConfig(), LossConfig()  # every setting differs from hpseg's defaults
