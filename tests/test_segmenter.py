@@ -241,3 +241,58 @@ def test_crf_writes_refined_maps(checkpoint: Path, image_dir: Path, tmp_path) ->
     assert code == 0
     assert read_label_png(tmp_path / "a_crf.png").shape == (37, 29)
     assert (tmp_path / "a.png").is_file() and not (tmp_path / "a_overlay.jpg").exists()
+
+
+# --- large images in bounded memory -------------------------------------------------------------
+
+
+def test_resize_by_rows_is_one_antialiased_resize(monkeypatch) -> None:
+    import hpseg.segmenter as segmenter_module
+    from hpseg.segmenter import resize_rows
+
+    monkeypatch.setattr(segmenter_module, "_CHUNK_VALUES", 3 * 700 * 17)  # 17 rows per chunk
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 300, 700), dtype=np.uint8))
+    whole = torch.nn.functional.interpolate(x.float().div(255)[None], size=(41, 95), mode="bilinear",
+                                            align_corners=False, antialias=True)[0].clamp(0, 1)
+    assert torch.equal(resize_rows(x, (41, 95)), whole)
+
+
+def test_upsampling_by_rows_matches_one_interpolation(monkeypatch) -> None:
+    import hpseg.segmenter as segmenter_module
+    from hpseg.segmenter import upsample_rows
+
+    monkeypatch.setattr(segmenter_module, "_CHUNK_VALUES", 4 * 450 * 23)  # 23 rows per chunk
+    scores = torch.randn(4, 13, 29, generator=torch.Generator().manual_seed(0))
+    chunks = list(upsample_rows(scores, (200, 450)))
+    assert [y0 for y0, _ in chunks] == list(range(0, 200, 23))
+    whole = torch.nn.functional.interpolate(scores[None], size=(200, 450), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(torch.cat([c for _, c in chunks], dim=1), whole, atol=1e-5, rtol=0)
+
+
+def test_a_large_image_is_segmented_in_memory_of_its_label_map() -> None:
+    """Peak memory of predicting a 2,000 × 6,000 photo (in a fresh process): at most twice its
+    int64 label map plus 64 MB. Full-size float copies of the image and the upsampled scores,
+    as before, took about 5 × the label map."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from hpseg.backbones import BackboneArch, backbone_from_arch\n"
+        "from hpseg.model import HPModel\n"
+        "from hpseg.segmenter import Segmenter\n"
+        "torch.manual_seed(0)\n"
+        "bb = backbone_from_arch(BackboneArch('dino_custom', 8, 64, 1, 1, (4, 4)))\n"
+        "seg = Segmenter(HPModel.create(bb, dim=16, n_classes=3, n_clusters=6, class_names=list('abc')),\n"
+        "                device='cpu', resolution=32)\n"
+        "image = np.zeros((2000, 6000, 3), np.uint8); image[:, :3000] = 200\n"
+        "seg.predict(image[:64, :640])\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "labels = seg.predict(image)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, labels.nbytes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    grown, label_bytes = (int(float(v)) for v in out.stdout.split())
+    assert label_bytes == 2000 * 6000 * 8
+    assert grown <= 2 * label_bytes + 64 * 2**20, f"peak grew by {grown / 2**20:.0f} MB"

@@ -63,6 +63,7 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 # PIL modes of 16-bit (or wider) single-channel images, scaled to 8 bits by 1/257
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +128,15 @@ def open_rgb(path: str | os.PathLike[str]) -> Any:
     if not path.is_file():
         raise UnreadableFileError.for_file(path, "file not found")
     try:
-        with Image.open(path) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im) or im
-            rgb = as_rgb(upright)
-            return rgb.copy() if rgb is im else rgb  # the file's own image is closed on leaving
+        im = Image.open(path)
+        try:
+            im.load()  # closes the file of single-frame formats; the decoded image is kept, not copied
+            if im.getexif().get(_ORIENTATION, 1) not in (0, 1):
+                return as_rgb(ImageOps.exif_transpose(im))
+            return as_rgb(im)
+        except BaseException:
+            im.close()
+            raise
     except (*_READ_ERRORS, Image.DecompressionBombError) as err:
         raise UnreadableFileError.for_file(path, f"{type(err).__name__}: {err}") from err
 

@@ -29,12 +29,22 @@ Label values (:attr:`Segmenter.label_names`):
 * ``head="cluster"`` otherwise: raw cluster ids ``0..K-1``.
 
 Label PNGs store the same values with ``-1`` written as 255 (black in the palette).
+
+Memory follows the window, not the image: 8-bit inputs stay 8-bit until a window (or the
+resized image) is taken from them, the resize to the working resolution runs by chunks of rows
+(:func:`resize_rows`: the same numbers as one antialiased resize), and scores are upsampled back
+and turned into labels (and overlays) a chunk of rows at a time. A 20,480×2,880 panorama needs
+about its own size in bytes several times over (the decoded image, the ``int64`` label map), not
+gigabytes of float copies. With ``crf=True`` and in :meth:`Segmenter.predict_proba` the full
+score map is made (the CRF and the caller need it).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.errors import HPSegError, UnreadableFileError
-from hpseg.imaging import normalize, pad_to_multiple, read_image_tensor, to_image_tensor
+from hpseg.imaging import as_rgb, normalize, open_rgb, pad_to_multiple, to_image_tensor
 from hpseg.io import atomic_write_text
 from hpseg.model import HPModel
 from hpseg.runtime import Runtime
@@ -72,6 +82,14 @@ CLUSTER_ALPHA = 2.0
 _WEIGHT_FLOOR = 1e-3
 #: images cut into more windows than this get a progress bar of their own
 _WINDOW_BAR = 16
+#: values (rows × width × channels) per chunk of full-resolution work (resizing, upsampling
+#: scores, overlays): a few such float chunks are the working memory beyond the image itself
+_CHUNK_VALUES = 1 << 20
+
+
+def _chunk_rows(width: int, channels: int) -> int:
+    """Rows per chunk of an image ``width`` pixels wide with ``channels`` values per pixel."""
+    return max(1, _CHUNK_VALUES // max(1, width * channels))
 
 
 def _config_int(model: HPModel, key: str) -> int | None:
@@ -109,12 +127,70 @@ def window_weight(h: int, w: int) -> torch.Tensor:
     return torch.outer(hann(h), hann(w)) + _WEIGHT_FLOOR
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or float ``(..., 3, H, W)`` → float in [0, 1] (a new tensor for uint8)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def image_pixels(image: Any) -> torch.Tensor:
+    """An image as ``(3, H, W)`` RGB: **uint8** for 8-bit sources (files, PIL images, uint8
+    arrays and tensors), float in [0, 1] otherwise (:func:`hpseg.imaging.to_image_tensor`); a
+    large photo is never copied to floats whole."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = open_rgb(image)
+    if isinstance(image, Image.Image):
+        image = np.array(as_rgb(image), dtype=np.uint8)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        with warnings.catch_warnings():  # shared, not copied, even when read-only: the pixels are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(image).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+        return image.detach().cpu()
+    return to_image_tensor(image)
+
+
+def resize_rows(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of ``(3, H, W)`` (uint8 or float) to float ``(3, h, w)`` in
+    [0, 1]: the width by chunks of rows, then the height of the narrowed image. The same numbers
+    as ``F.interpolate(x, size, mode="bilinear", antialias=True)`` (which is separable), without
+    a float copy of the full-size image."""
+    rows, step = int(x.shape[1]), _chunk_rows(int(x.shape[2]), 3)
+    narrow = torch.cat([
+        F.interpolate(_unit(x[:, r : r + step]).unsqueeze(0), size=(min(step, rows - r), size[1]),
+                      mode="bilinear", align_corners=False, antialias=True)[0]
+        for r in range(0, rows, step)], dim=1)
+    return F.interpolate(narrow.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
+                         antialias=True)[0].clamp_(0, 1)
+
+
+def upsample_rows(scores: torch.Tensor, size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Bilinear upsampling (``align_corners=False``) of scores ``(S, h, w)`` to ``(S, H, W)`` by
+    chunks of output rows: ``(first row, (S, rows, W))``. Equal, up to float rounding, to one
+    ``F.interpolate`` of the whole map, which would hold ``S × H × W`` floats at once."""
+    sh = int(scores.shape[1])
+    height, width = size
+    scale = torch.tensor(sh / height, dtype=torch.float32)
+    step = _chunk_rows(width, int(scores.shape[0]))
+    for y0 in range(0, height, step):
+        ys = torch.arange(y0, min(height, y0 + step), dtype=torch.float32)
+        src = ((ys + 0.5) * scale - 0.5).clamp_min(0.0)
+        i0 = src.long().clamp_max(sh - 1)
+        i1 = (i0 + 1).clamp_max(sh - 1)
+        l1 = (src - i0.float()).view(1, -1, 1)
+        lo, hi = int(i0.min()), int(i1.max()) + 1
+        wide = F.interpolate(scores[None, :, lo:hi], size=(hi - lo, width), mode="bilinear",
+                             align_corners=False)[0]  # the needed source rows, at full width
+        yield y0, wide[:, i0 - lo] * (1.0 - l1) + wide[:, i1 - lo] * l1
+
+
 @dataclass
 class _Prepared:
-    """One image ready for the network."""
+    """One image ready for the network (8-bit inputs stay uint8 until a window is taken)."""
 
-    rgb: torch.Tensor  # (3, H, W) in [0, 1], input size
-    net: torch.Tensor  # (3, Hp, Wp) normalised, resized, padded
+    rgb: torch.Tensor  # (3, H, W) uint8 or float in [0, 1], input size
+    net: torch.Tensor  # (3, Hp, Wp) uint8 or float in [0, 1], resized, padded (normalised per window)
     size: tuple[int, int]  # input size (H, W)
     proc: tuple[int, int]  # resized size before padding
 
@@ -255,18 +331,17 @@ class Segmenter:
         return (torch.softmax(scores, dim=1) if self.head == "linear" else scores).float().cpu()
 
     def _prepare(self, image: Any) -> _Prepared:
-        rgb = to_image_tensor(image)
+        rgb = image_pixels(image)
         h, w = int(rgb.shape[1]), int(rgb.shape[2])
         if h < 1 or w < 1:
             raise HPSegError(f"empty image of size {h}×{w}")
         x = rgb
         if self.resolution is not None and min(h, w) != self.resolution:
             scale = self.resolution / min(h, w)
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            x = F.interpolate(rgb.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
-                              antialias=True).squeeze(0).clamp_(0, 1)
+            x = resize_rows(rgb, (max(1, round(h * scale)), max(1, round(w * scale))))
         proc = (int(x.shape[1]), int(x.shape[2]))
-        return _Prepared(rgb=rgb, net=pad_to_multiple(normalize(x), self.patch_size), size=(h, w), proc=proc)
+        # reflect padding commutes with the per-channel normalisation done per window
+        return _Prepared(rgb=rgb, net=pad_to_multiple(x, self.patch_size), size=(h, w), proc=proc)
 
     def _fits(self, item: _Prepared) -> bool:
         return item.net.shape[1] <= self.window and item.net.shape[2] <= self.window
@@ -277,7 +352,7 @@ class Segmenter:
         img = item.net
         hp, wp = int(img.shape[1]), int(img.shape[2])
         if self._fits(item):
-            yield 0, self._forward(img.unsqueeze(0))[0]
+            yield 0, self._forward(normalize(_unit(img.unsqueeze(0))))[0]
             return
         p = self.patch_size
         wh, ww = min(self.window, hp), min(self.window, wp)
@@ -294,7 +369,7 @@ class Segmenter:
         try:
             for start in range(0, len(windows), self.batch_size):
                 chunk = windows[start : start + self.batch_size]
-                scores = self._forward(torch.stack([img[:, y : y + wh, x : x + ww] for y, x in chunk]))
+                scores = self._forward(normalize(_unit(torch.stack([img[:, y : y + wh, x : x + ww] for y, x in chunk]))))
                 bar.update(len(chunk))
                 if acc is None:
                     acc = torch.zeros(scores.shape[1], wh, wp)
@@ -325,40 +400,42 @@ class Segmenter:
         return scores.clamp_min(1e-8).log() if self.head == "linear" else scores * CLUSTER_ALPHA
 
     def _labels(self, item: _Prepared, strips: Iterator[tuple[int, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(labels, crf_labels)`` at the input size; ``crf_labels`` is None without CRF."""
-        crf_raw: np.ndarray | None = None
-        if self.crf or item.proc != item.size:
-            scores = self._full_scores(item, strips)
-            raw = scores.argmax(0).numpy()
-            if self.crf:
-                from hpseg.crf import dense_crf
+        """``(labels, crf_labels)`` at the input size; ``crf_labels`` is None without CRF. Without
+        CRF the labels are made a chunk of rows at a time: the full-size score map never exists."""
+        if self.crf:
+            from hpseg.crf import dense_crf
 
-                crf_raw = dense_crf(normalize(item.rgb), self._to_logits(scores)).argmax(0).numpy()
-        else:  # argmax strip by strip: never holds the whole score map
-            h, w = item.size
-            raw = np.empty((h, w), dtype=np.int64)
-            for y0, s in strips:
-                if y0 >= h:
-                    break
-                rows = min(s.shape[1], h - y0)
-                raw[y0 : y0 + rows] = s[:, :rows, :w].argmax(0).numpy()
-        return self._map(raw), None if crf_raw is None else self._map(crf_raw)
+            scores = self._full_scores(item, strips)
+            crf_raw = dense_crf(normalize(_unit(item.rgb)), self._to_logits(scores)).argmax(0).numpy()
+            return self._map(scores.argmax(0).numpy()), self._map(crf_raw)
+        h, w = item.size
+        labels = np.empty((h, w), dtype=np.int64)
+        rows_of_scores: Iterator[tuple[int, torch.Tensor]] = strips
+        if item.proc != item.size:  # scores at the working resolution, upsampled back by chunks
+            ph, pw = item.proc
+            rows_of_scores = upsample_rows(torch.cat([s for _, s in strips], dim=1)[:, :ph, :pw], item.size)
+        for y0, s in rows_of_scores:
+            if y0 >= h:
+                break
+            rows = min(s.shape[1], h - y0)
+            labels[y0 : y0 + rows] = self._map(s[:, :rows, :w].argmax(0).numpy())
+        return labels, None
 
     def _map(self, raw: np.ndarray) -> np.ndarray:
         raw = raw.astype(np.int64, copy=False)
         return np.asarray(self.assignment, dtype=np.int64)[raw] if self.assignment is not None else raw
 
     def _grouped(self, items: list[_Prepared]) -> Iterator[tuple[int, Iterator[tuple[int, torch.Tensor]]]]:
-        """``(index, strips)`` per item; images that fit in a window are batched by size."""
-        singles: dict[tuple[int, ...], list[int]] = {}
+        """``(index, strips)`` per item; images that fit in a window are batched by size (and dtype)."""
+        singles: dict[tuple[int | str, ...], list[int]] = {}
         for i, item in enumerate(items):
             if self._fits(item):
-                singles.setdefault(tuple(item.net.shape[1:]), []).append(i)
+                singles.setdefault((*item.net.shape[1:], str(item.net.dtype)), []).append(i)
         done: dict[int, torch.Tensor] = {}
         for idx in singles.values():
             for s in range(0, len(idx), self.batch_size):
                 part = idx[s : s + self.batch_size]
-                done.update(zip(part, self._forward(torch.stack([items[i].net for i in part]))))
+                done.update(zip(part, self._forward(normalize(_unit(torch.stack([items[i].net for i in part]))))))
         for i, item in enumerate(items):
             yield i, iter([(0, done.pop(i))]) if i in done else self._strips(item)
 
@@ -389,7 +466,7 @@ class Segmenter:
         if self.crf:
             from hpseg.crf import dense_crf
 
-            probs = dense_crf(normalize(item.rgb), self._to_logits(scores))
+            probs = dense_crf(normalize(_unit(item.rgb)), self._to_logits(scores))
         else:
             probs = scores if self.head == "linear" else torch.softmax(scores * CLUSTER_ALPHA, dim=0)
         return probs.numpy().astype(np.float32, copy=False)
@@ -416,6 +493,19 @@ class Segmenter:
 # ------------------------------------------------------------------------------------------
 # many files
 # ------------------------------------------------------------------------------------------
+
+
+#: pixels of the images read ahead into one batch of :func:`segment_files`
+_BATCH_PIXELS = 1 << 24
+
+
+def _write_overlay(rgb: np.ndarray, labels: np.ndarray, n_labels: int, alpha: float, path: Path) -> None:
+    """The overlay JPEG of ``(H, W, 3)`` uint8 and ``(H, W)`` labels, blended by chunks of rows
+    (no float copy of a large image)."""
+    blended, step = np.empty_like(rgb), _chunk_rows(rgb.shape[1], 3)
+    for r in range(0, rgb.shape[0], step):
+        blended[r : r + step] = overlay(rgb[r : r + step], labels[r : r + step], n_labels, alpha)
+    save_image(blended, path, quality=90)
 
 
 @dataclass
@@ -449,26 +539,38 @@ def segment_files(
     written: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     bar = tqdm(total=len(files), desc="segment", unit="img", dynamic_ncols=True, disable=not progress)
+
+    def write(batch: list[tuple[Path, np.ndarray]]) -> None:
+        results = segmenter.predict_both([t for _, t in batch])
+        for i, (rel, rgb) in enumerate(batch):
+            lab, lab_crf = results[i]
+            results[i] = (np.empty(0), None)  # only this image's maps stay alive
+            folder = out_dir / rel.parent
+            written.append(save_label_png(lab, folder / f"{rel.name}.png", n))
+            if lab_crf is not None:
+                save_label_png(lab_crf, folder / f"{rel.name}_crf.png", n)
+                lab = lab_crf  # the overlay shows the refined map
+            del lab_crf
+            if write_overlay:  # labels as int16 from here: the int64 map is let go
+                lab = lab.astype(np.int16) if n < 2**15 else lab
+                _write_overlay(rgb, lab, n, alpha, folder / f"{rel.name}_overlay.jpg")
+            bar.update(1)
+
     try:
-        for start in range(0, len(files), segmenter.batch_size):
-            batch: list[tuple[Path, torch.Tensor]] = []
-            for path, rel in files[start : start + segmenter.batch_size]:
-                try:
-                    batch.append((rel, read_image_tensor(path)))
-                except UnreadableFileError as exc:
-                    log.warning("skipping %s (%s)", path, exc)
-                    skipped.append((path, str(exc)))
-                    bar.update(1)
-            for (rel, rgb), (lab, lab_crf) in zip(batch, segmenter.predict_both([t for _, t in batch])):
-                folder = out_dir / rel.parent
-                written.append(save_label_png(lab, folder / f"{rel.name}.png", n))
-                if lab_crf is not None:
-                    save_label_png(lab_crf, folder / f"{rel.name}_crf.png", n)
-                    lab = lab_crf  # the overlay shows the refined map
-                if write_overlay:
-                    image = (rgb.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-                    save_image(overlay(image, lab, n, alpha), folder / f"{rel.name}_overlay.jpg", quality=90)
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path, rel in files:
+            try:
+                batch.append((rel, np.asarray(open_rgb(path), dtype=np.uint8)))  # read-only, not copied
+            except UnreadableFileError as exc:
+                log.warning("skipping %s (%s)", path, exc)
+                skipped.append((path, str(exc)))
                 bar.update(1)
+                continue
+            # a batch shares forward passes of small images; large ones go (nearly) alone
+            if len(batch) >= segmenter.batch_size or sum(im.shape[0] * im.shape[1] for _, im in batch) >= _BATCH_PIXELS:
+                write(batch)
+                batch = []
+        write(batch)
     finally:
         bar.close()
     skipped_file = out_dir / "skipped.txt"

@@ -114,7 +114,9 @@ def save_label_png(labels: np.ndarray, path: str | Path, n_labels: int) -> Path:
     lab = np.asarray(labels)
     bad = (lab < 0) | (lab >= n_labels)
     if n_labels <= PNG_IGNORE:
-        img = Image.fromarray(np.where(bad, PNG_IGNORE, lab).astype(np.uint8)).convert("P")
+        small = lab.astype(np.uint8)  # (no int64 copy of a large map)
+        small[bad] = PNG_IGNORE
+        img = Image.fromarray(small).convert("P")
         pal = np.zeros((256, 3), np.uint8)
         pal[:n_labels] = palette(n_labels)
         img.putpalette(pal.reshape(-1).tolist())
