@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 LABEL_IGNORE = 255
 # verdicts of check_image_file by (path, size, mtime): a folder read as train and val set is checked once
 _CHECKED: dict[tuple[str, int, int], str | None] = {}
+_REPORTED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def _check(path: Path) -> str | None:
@@ -179,8 +180,11 @@ class FolderDataset(SegmentationDataset):
                 "data.max_skipped_fraction"
             )
         names = ", ".join(str(p.relative_to(self.root)) for p, _ in bad[:3]) + (", …" if len(bad) > 3 else "")
-        log.warning("leaving out %d of %d images under %s that cannot be read: %s", len(bad), found, self.root,
-                    names)
+        key = (str(self.root.resolve()), tuple(str(p) for p, _ in bad))
+        if key not in _REPORTED:  # once, though a folder is read as training and validation set
+            _REPORTED.add(key)
+            log.warning("leaving out %d of %d images under %s that cannot be read: %s", len(bad), found, self.root,
+                        names)
         left_out = {p for p, _ in bad}
         self.image_files = [p for p in self.image_files if p not in left_out]
         return bad
