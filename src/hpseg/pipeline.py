@@ -328,7 +328,7 @@ def run_training(cfg: Config) -> TrainingRun:
         if not cfg.train.seeds:
             done = train_one(cfg, out_dir, runtime).get("already_finished", False)
             return TrainingRun([out_dir], runtime.is_main, [out_dir] if done else [])
-        if runtime.is_main:
+        if runtime.is_main and not (out_dir / "config.yaml").is_file():  # a refused re-run keeps the first
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
         folders, finished = [], []
