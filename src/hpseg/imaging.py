@@ -142,10 +142,12 @@ def open_rgb(path: str | os.PathLike[str]) -> Any:
 
 
 def check_image_file(path: str | os.PathLike[str]) -> str | None:
-    """Why an image file cannot be read, or None when it decodes: a cheap but complete check.
+    """Why an image file cannot be read, or None when it decodes: a cheap check.
 
     JPEGs are decoded at 1/8 scale (every compressed byte is still read, so truncation and
-    corruption show), PNGs have every chunk's checksum verified, other formats are decoded fully.
+    corruption show), PNGs have every chunk's checksum verified (truncation and damaged bytes
+    show; damage that keeps the checksums right shows only when decoded), other formats are
+    decoded fully.
     """
     from PIL import Image
 

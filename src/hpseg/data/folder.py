@@ -18,7 +18,7 @@ Layout::
   clusters wanted); all labels are then −1.
 * Item names are relative paths without suffix (``street/b``).
 * Every image is checked once when the dataset is built (:func:`hpseg.imaging.check_image_file`:
-  a fast but complete decode, on a few threads): files that cannot be read (truncated, not an
+  a fast decode or checksum test, on a few threads): files that cannot be read (truncated, not an
   image) are left out, listed in :attr:`FolderDataset.skipped` and logged in one line; more than
   ``max_skipped_fraction`` of the images unreadable is an error. The remaining images keep their
   sorted order, so data order (and exact resume) is deterministic while the folder is unchanged.
