@@ -53,6 +53,9 @@ def test_config_of_a_paper_preset_needs_no_data_root(preset, capsys):
         (["export", "/does/not/exist.pt", "--out", "/tmp/hpseg-x.onnx"], "does not exist"),
         (["convert", "/does/not/exist.pth", "/tmp/hpseg-x.pt"], "does not exist"),
         (["compare", "/does/not/exist"], "no results.json"),
+        (["sweep-k", "--k", "1", "--preset", "folder", "data.root=/x"], "at least one number of clusters"),
+        (["sweep-k", "--k", "4", "--preset", "folder", "data.root=/does/not/exist", "data.n_classes=4"],
+         "/does/not/exist"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
@@ -138,3 +141,26 @@ def test_errors_from_dataloader_workers_print_their_last_line_only():
                                   "UnreadableFileError: cannot read a.jpg (truncated): the file is damaged")
     assert _one_line(wrapped) == "cannot read a.jpg (truncated): the file is damaged"
     assert _one_line(UnreadableFileError("one line")) == "one line"
+
+
+def test_train_again_on_a_finished_run_says_so_and_a_failed_start_leaves_nothing(tmp_path, tiny_backbone_file,
+                                                                                  capsys):
+    root = tmp_path / "imgs"
+    make_folder_tree(root, with_labels=False)
+    run = tmp_path / "run"
+    argv = ["train", "data.dataset=folder", f"data.root={root}", "data.n_classes=3", "data.resolution=32",
+            "data.eval_resolution=32", "data.num_workers=0", f"model.weights={tiny_backbone_file}", "model.dim=8",
+            "train.batch_size=2", "train.epochs=1", "train.progress=false", "loss.pool_size=3",
+            f"train.out_dir={run}"]
+    assert main(argv) == 0, _err(capsys)
+    capsys.readouterr()
+    stamp = (run / "best.pt").stat().st_mtime_ns, (run / "train_summary.json").read_bytes()
+    assert main(argv) == 0
+    assert f"{run} already holds this finished run: nothing was changed" in capsys.readouterr().out
+    assert ((run / "best.pt").stat().st_mtime_ns, (run / "train_summary.json").read_bytes()) == stamp
+    one = tmp_path / "one"
+    one.mkdir()
+    (root / "a.jpg").rename(one / "a.jpg")
+    argv[2], argv[-1] = f"data.root={one}", f"train.out_dir={tmp_path / 'run1'}"
+    assert main(argv) == 2
+    assert "training needs at least two images" in _err(capsys) and not (tmp_path / "run1").exists()
