@@ -104,7 +104,9 @@ class _RecordedPlan(train_module.DataPlan):
         else:
             order = self.golden["renewals"][self.log["renewal_passes"]]["order"]
             self.log["renewal_passes"] += 1
-        return _batches(self.golden["pool_data"], order.tolist(), self.per_rank)
+        yield from _batches(self.golden["pool_data"], order.tolist(), self.per_rank)
+        # more images than the authors' pool took: a pool larger than theirs would read on
+        yield from _batches(self.golden["data"], list(range(len(self.golden["data"]["img"]))), self.per_rank)
 
 
 def _recorded_positions(golden: dict[str, Any]) -> dict[int, list[int]]:
@@ -146,6 +148,7 @@ def run_fit_on_recording(golden: dict[str, Any], out_dir: Path, monkeypatch: pyt
     def recorded_entries(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b = x.shape[0]
         queue = queues[x.shape[1]]
+        assert len(queue) >= b, "fit filled a pool with more entries than the authors' pool holds"
         idx, queue[:] = torch.tensor(queue[:b]), queue[b:]
         return F.normalize(x.flatten(2)[torch.arange(b), :, idx].float(), dim=1)
 
