@@ -124,8 +124,10 @@ def _built(preset: str, out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[
         return plan
 
     monkeypatch.setattr(train_module.DataPlan, "create", classmethod(create))
+    # fp16 as on CUDA (build_runtime falls back to fp32 on a CPU), so that fit builds an active scaler
+    runtime = Runtime(torch.device("cpu"), "fp16", cfg.train.precision, 0, 1, 0, False)
     with pytest.raises(_FirstStep):
-        pipeline.train_one(cfg, out_dir)
+        pipeline.train_one(cfg, out_dir, runtime)
     return seen
 
 
@@ -174,7 +176,7 @@ def test_clipping_norm_and_module(built: tuple[str, dict[str, Any]], monkeypatch
     saved = [p.detach().clone() for p in trainable]
     for p in trainable:
         p.grad = torch.ones_like(p)
-    optimizers.step(seen["scaler"])
+    optimizers.step(torch.amp.GradScaler("cpu", enabled=False))  # unscaled gradients: only the clipping matters
     with torch.no_grad():
         for p, s in zip(trainable, saved):
             p.copy_(s)
@@ -215,9 +217,8 @@ def test_scaler_and_precision(built: tuple[str, dict[str, Any]]) -> None:
     preset, seen = built
     cfg = seen["cfg"]
     assert cfg.train.precision == "fp16"  # run.py:30 autocast + GradScaler(enabled=True)
-    runtime = Runtime(torch.device("cpu"), "fp16", "fp16", 0, 1, 0, False)  # fp16 as on CUDA
-    scaler = runtime.grad_scaler()
-    assert scaler.is_enabled() and scaler.get_scale() == SCALER_INIT
+    scaler = seen["scaler"]  # the one fit built and hands to the step
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() and scaler.get_scale() == SCALER_INIT
     assert scaler.get_growth_interval() == SCALER_GROWTH_INTERVAL
     assert scaler.get_growth_factor() == SCALER_GROWTH and scaler.get_backoff_factor() == SCALER_BACKOFF
 
