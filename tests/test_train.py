@@ -107,7 +107,10 @@ def test_train_interrupt_resume_evaluate(tiny_cfg, tmp_path):
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["state"]["iteration"] == 2
 
-    # "interrupted" after 2 of 6 iterations: a second call resumes from last.pt and finishes
+    # "interrupted" after 2 of 6 iterations (a killed run writes neither final.pt nor its summary; a
+    # finished run is never retrained): a second call resumes from last.pt and finishes
+    (run / "final.pt").unlink()
+    (run / "train_summary.json").unlink()
     cfg_full = tiny_cfg()
     cfg_full.train.max_iters = None
     summary = train_one(cfg_full, run)
@@ -129,7 +132,7 @@ def test_train_interrupt_resume_evaluate(tiny_cfg, tmp_path):
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     train_one(tiny_cfg("train.max_iters=1"), tmp_path / "run")
-    with pytest.raises(HPSegError, match="different"):
+    with pytest.raises(HPSegError, match=r"other settings \(loss\.tau 0\.8 → 0\.5\)"):
         train_one(tiny_cfg("train.max_iters=1", "loss.tau=0.5"), tmp_path / "run")
 
 
