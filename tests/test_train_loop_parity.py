@@ -130,8 +130,7 @@ def _config(s: dict[str, Any]) -> tuple[TrainConfig, LossConfig]:
     return train, loss
 
 
-def run_fit_on_recording(golden: dict[str, Any], out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """hpseg's ``fit`` on the recorded loop; returns what it logged, pooled and validated."""
+def _initial_model(golden: dict[str, Any]) -> HPModel:
     s = golden["settings"]
     torch.manual_seed(s["seed"])
     backbone = build_backbone("dino_custom", state_dict=golden["initial"]["backbone"], num_heads=s["num_heads"])
@@ -139,6 +138,21 @@ def run_fit_on_recording(golden: dict[str, Any], out_dir: Path, monkeypatch: pyt
                            dropout=s["dropout"])
     missing, unexpected = model.load_state_dict(_hpseg_names(golden["initial"]), strict=False)
     assert not unexpected and all(k.startswith("backbone.") for k in missing)
+    return model
+
+
+class _Crash(Exception):
+    pass
+
+
+def run_fit_on_recording(golden: dict[str, Any], out_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                         crash_before: int | None = None) -> dict[str, Any]:
+    """hpseg's ``fit`` on the recorded loop; returns what it logged, pooled and validated.
+
+    With ``crash_before=k`` the run dies when step ``k`` starts and is run again, as a new
+    process would: a fresh model resumes from the run folder's ``last.pt``."""
+    s = golden["settings"]
+    model = _initial_model(golden)
 
     seen: dict[str, Any] = {"fetched": 0, "renewal_passes": 0, "renewals": [], "validations": [], "pools": None}
     _RecordedPlan.golden, _RecordedPlan.log = golden, seen
@@ -174,8 +188,23 @@ def run_fit_on_recording(golden: dict[str, Any], out_dir: Path, monkeypatch: pyt
 
     train, loss = _config(s)
     runtime = Runtime.create("cpu", "fp32")
-    summary = train_module.fit(model, _Images(golden["data"]), train=train, loss=loss, runtime=runtime,
-                               out_dir=out_dir, config={}, validate=validate)
+    run = lambda m: train_module.fit(m, _Images(golden["data"]), train=train, loss=loss,  # noqa: E731
+                                     runtime=runtime, out_dir=out_dir, config={}, validate=validate)
+    if crash_before is not None:
+        real_step = train_module.train_step
+
+        def dying(*args: Any, **kwargs: Any) -> Any:
+            if seen["fetched"] == crash_before + 1:
+                raise _Crash
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "train_step", dying)
+        with pytest.raises(_Crash):
+            run(model)
+        monkeypatch.setattr(train_module, "train_step", real_step)
+        seen["fetched"] = torch.load(out_dir / "last.pt", weights_only=True)["state"]["iteration"]
+        model = _initial_model(golden)
+    summary = run(model)
     rows = [r for r in map(__import__("json").loads, (out_dir / "metrics.jsonl").read_text().splitlines())
             if "lambda" in r]
     return {"summary": summary, "rows": rows, "final": _trainable(model), "queues": queues, **seen}
@@ -190,6 +219,14 @@ def golden(load_golden) -> dict[str, Any]:
 def ours(golden: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         return run_fit_on_recording(golden, tmp_path_factory.mktemp("loop"), mp)
+
+
+@pytest.fixture(scope="module")
+def resumed(golden: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Killed at iteration 8 (mid-epoch, after the renewal and the validation of epoch 0 and the
+    validation at 6), resumed from ``last.pt`` (iteration 6) in a fresh model."""
+    with pytest.MonkeyPatch.context() as mp:
+        return run_fit_on_recording(golden, tmp_path_factory.mktemp("resumed"), mp, crash_before=8)
 
 
 ITERS = range(12)
@@ -259,4 +296,17 @@ def test_every_trainable_tensor_at_the_end(golden: dict[str, Any], ours: dict[st
     assert expected and set(expected) == {n for n in ours["final"] if n.startswith(group)}
     for name, value in expected.items():
         torch.testing.assert_close(ours["final"][name], value, atol=PARAM_ATOL, rtol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_resumed_run_ends_as_the_authors(golden: dict[str, Any], resumed: dict[str, Any]) -> None:
+    assert [r["iteration"] for r in resumed["rows"]] == list(ITERS)
+    for k in ITERS:
+        assert resumed["rows"][k]["lambda"] == pytest.approx(golden["iters"][k]["lmbd"], abs=1e-12)
+        for term in (*LOSS_TERMS, "grad_norm"):
+            assert resumed["rows"][k][term] == pytest.approx(golden["iters"][k][term], rel=LOSS_RTOL, abs=1e-7)
+    assert [r["before_iteration"] for r in resumed["renewals"]] == [r["before_iteration"] for r in golden["renewals"]]
+    assert [v["iteration"] for v in resumed["validations"]] == [v["iteration"] for v in golden["validations"]]
+    for name, value in _hpseg_names(golden["final"]).items():
+        torch.testing.assert_close(resumed["final"][name], value, atol=PARAM_ATOL, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
