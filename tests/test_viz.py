@@ -85,3 +85,7 @@ def test_training_curve_explains_an_empty_validation_panel() -> None:
     assert any("no labelled validation images" in t for t in texts) and not fig.axes[1].get_lines()
     labelled = rows[:2] + [{"iteration": 1, "val": {"unsupervised": {"miou": 30.0}, "linear": {"miou": 40.0}}}]
     assert not training_curve_figure(labelled).axes[1].texts
+    rows[2]["val"]["diagnostics"].update(cluster_entropy=0.8, heldout_hp_loss=1.7)  # label-free curves are drawn
+    fig = training_curve_figure(rows)
+    assert [line.get_ydata()[0] for line in fig.axes[1].get_lines()] == [pytest.approx(80.0)]
+    assert any(line.get_label().startswith("held-out HP loss") for line in fig.axes[0].get_lines())

@@ -311,10 +311,18 @@ def training_curve_figure(rows: Sequence[dict[str, Any]]) -> Any:
             axes[1].plot(*zip(*pts), marker="o", label=label)
     axes[1].set_ylabel("%")
     axes[1].set_title("validation")
-    if not axes[1].get_lines():  # nothing scored: say why instead of an empty panel
-        axes[1].text(0.5, 0.5, "no labelled validation images:\nno mIoU to plot.\nLabel-free figures (stability,\n"
-                     "balance, HP vs k-means):\nhpseg evaluate RUN --baseline", ha="center", va="center",
-                     transform=axes[1].transAxes, fontsize=9, color="0.35")
+    if not axes[1].get_lines():  # nothing scored: the label-free curves, and say why there is no mIoU
+        balance = [(r["iteration"], 100 * v) for r in val_rows
+                   if (v := _val_value(r, "diagnostics.cluster_entropy")) is not None]
+        if balance:
+            axes[1].plot(*zip(*balance), marker="o", label="cluster balance (entropy / log K)")
+            axes[1].set_ylim(0, 105)
+        axes[1].text(0.5, 0.5 if not balance else 0.25, "no labelled validation images: no mIoU to plot.\n"
+                     "Label-free figures (stability, balance,\nHP vs k-means): hpseg evaluate RUN --baseline",
+                     ha="center", va="center", transform=axes[1].transAxes, fontsize=8, color="0.35")
+    held_out = [(r["iteration"], v) for r in val_rows if (v := _val_value(r, "diagnostics.heldout_hp_loss")) is not None]
+    if held_out:
+        axes[0].plot(*zip(*held_out), marker="o", linestyle="--", label="held-out HP loss (λ=0, ρ=1)")
     for key in _DIAGNOSTIC_KEYS:
         pts = [(r["iteration"], v) for r in val_rows if (v := _val_value(r, f"diagnostics.{key}")) is not None]
         if pts:
