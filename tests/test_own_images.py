@@ -149,6 +149,7 @@ def test_evaluate_baseline_without_labels_gives_a_label_free_verdict(trained, tm
     assert "Traceback" not in captured.err and "labelled pixel" not in captured.err
     assert "C=3 classes" not in captured.out and "hungarian" not in captured.out  # protocol: only what applies
     assert "flip stability" in captured.out and "HP vs k-means" in captured.out
+    assert "cluster_entropy: balance of the cluster sizes" in captured.out  # explained where printed
     doc = json.loads((out / "results.json").read_text())
     assert "baseline" not in doc and doc["protocol"]["split"].startswith("held-out")
     held_out = doc["protocol"]["n_images"]

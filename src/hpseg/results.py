@@ -249,6 +249,9 @@ class Results:
             lines.append(format_table(self.rows()))
         if self.diagnostics:
             lines += ["", format_diagnostics(self.diagnostics)]
+            if "cluster_entropy" in self.diagnostics:
+                lines.append("  (cluster_entropy: balance of the cluster sizes, entropy / log K: 100% = all K clusters "
+                             "equally large, 0% = one cluster takes everything)")
         return "\n".join(lines)
 
 
