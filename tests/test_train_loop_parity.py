@@ -11,7 +11,8 @@ its own shuffled order, and the pool-entry sampler takes the patch positions the
 from which head, what the objective and the optimisers are built from, the EMA, the clipping,
 the validation points — is ``fit``'s own. It must match, per iteration: λ, the four loss terms,
 the gradient norm; the pools after building and after each renewal; the iterations of the
-validations and the weights there; every trainable tensor at the end.
+validations and the weights there; every trainable tensor at the end. A run killed mid-epoch
+and resumed from its ``last.pt`` must match as well.
 """
 
 from __future__ import annotations
