@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import hpseg
 from hpseg.backbones import build_backbone
 from hpseg.config import LossConfig, TrainConfig
 from hpseg.hidden_positives import HiddenPositiveLoss, local_propagation
@@ -42,11 +44,14 @@ POOL_DROPOUTS = {
 }
 
 
+HPSEG_DIR = str(Path(hpseg.__file__).resolve().parent)
+
+
 def _caller() -> str:
     """The class of the first hpseg frame up the stack (skipping torch's Dropout2d.forward)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if "/hpseg/" in frame.f_code.co_filename.replace("\\", "/"):
+        if str(Path(frame.f_code.co_filename).resolve()).startswith(HPSEG_DIR):
             owner = frame.f_locals.get("self")
             return type(owner).__name__ if owner is not None else frame.f_code.co_name
         frame = frame.f_back  # type: ignore[assignment]
