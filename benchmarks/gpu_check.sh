@@ -53,7 +53,7 @@ head -3 "$OUT_DIR/1_env_tests.log" >> "$SUMMARY"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
   step "tests (CUDA-relevant)" 120 "$OUT_DIR/1_env_tests.log" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_negatives.py tests/test_train.py tests/test_resume.py \
+    "$PY" -m pytest -p no:cacheprovider tests/test_negatives.py tests/test_train.py tests/test_resume.py \
     tests/test_hidden_positives.py tests/test_train_step_parity.py tests/test_train_loop_parity.py
 else
   echo "pytest is not installed here: tests skipped (pip install pytest)" | tee -a "$SUMMARY" >> "$OUT_DIR/1_env_tests.log"
