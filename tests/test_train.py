@@ -288,3 +288,23 @@ def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, tmp_path, monk
         train_one(cfg, tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert saved["state"]["iteration"] == 2  # the validation at iteration 2 saved; nothing after it
+
+
+def test_seeded_items_seed_a_wrapped_subset_too():
+    """A wrapped dataset's ``__getitems__`` (torch's Subset has one) must not let the DataLoader
+    fetch a batch around the per-item seeding."""
+    from torch.utils.data import DataLoader, Subset
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(1) + i
+
+    wrapped = SeededItems(Subset(Noisy(), [0, 1, 2, 3]))
+    assert not hasattr(wrapped, "__getitems__")
+    keys = [(0, 5), (1, 6)]
+    a = next(iter(DataLoader(wrapped, batch_size=2, sampler=keys)))
+    b = next(iter(DataLoader(wrapped, batch_size=2, sampler=keys)))
+    assert torch.equal(a, b)  # each item a function of its seed

@@ -81,6 +81,8 @@ class SeededItems(Dataset):
         return self.dataset[key]
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not yet set (unpickling)
+        # "dataset": not yet set (unpickling); "__getitems__": a wrapped dataset's batch fetch
+        # (torch's Subset has one) would let the DataLoader bypass the per-item seeding above
+        if name in ("dataset", "__getitems__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
