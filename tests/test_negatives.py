@@ -157,3 +157,17 @@ def test_cuda_draw_equals_cpu() -> None:
         assert torch.equal(got.cpu(), want) and int(truncated) == 0
         mask, _ = negative_keep_mask(slice(0, n), per_image, n, rho=rho, seed=11, step=9, device=cuda)
         assert mask is not None and torch.equal(mask.reshape(-1).nonzero().view(-1).cpu(), want)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.02, 1e-3])
+def test_gaps_at_the_threshold_boundaries_follow_the_integer_definition(rho: float) -> None:
+    """Uniforms planted exactly on, and one below, every threshold ``T_g``: where the floating-point
+    logarithm is most likely to round across an integer. ``G`` must be ``#{g ≥ 1 : u < T_g}``."""
+    longest = 10**6
+    table = ng._threshold_table_cpu(rho, longest)
+    inner = table[1:-1]
+    u = torch.cat([inner, inner - 1, inner + 1]).unsqueeze(0)
+    # the definition: how many thresholds T_1, T_2, … exceed u (a binary search on the table)
+    expected = torch.from_numpy(np.searchsorted(-table[1:].numpy(), -u.numpy(), side="left"))
+    assert torch.equal(geometric_gaps(u, rho, longest), expected)
+    assert torch.equal(ng._gaps_torch(u, table, rho, longest), expected)

@@ -139,9 +139,11 @@ def _threshold_table(rho: float, longest: int, device: torch.device) -> torch.Te
 def geometric_gaps(u: torch.Tensor, rho: float, longest: int) -> torch.Tensor:
     """Geometric(ρ) gaps (failures before a success) from 53-bit uniforms ``u``, capped at ``longest``.
 
-    ``G = #{g ≥ 1 : u < T_g}`` with ``T_g = ⌊(1−ρ)^g·2^53⌋``, so ``P(G ≥ g) = T_g / 2^53``. The
-    estimate ``⌊log(u/2^53) / log(1−ρ)⌋`` is corrected by one step against the integer table, which
-    makes the result exact and device-independent (the estimate is never off by more than one).
+    ``G = #{g ≥ 1 : u < T_g}`` with ``T_g = ⌊(1−ρ)^g·2^53⌋``, so ``P(G ≥ g) = T_g / 2^53``. In exact
+    arithmetic ``T_g > u ⟺ (1−ρ)^g·2^53 ≥ u + 1``, so ``G = ⌊log((u+1)/2^53) / log(1−ρ)⌋``; that
+    floating-point estimate is corrected by one step against the integer table, which makes the
+    result exact and device-independent (the estimate is never off by more than one, even where
+    rounding repeats small thresholds; ``tests/test_negatives.py`` plants every boundary).
     On CPU through NumPy (the same arithmetic, faster there).
     """
     table = _threshold_table(rho, longest, u.device)
@@ -152,7 +154,7 @@ def geometric_gaps(u: torch.Tensor, rho: float, longest: int) -> torch.Tensor:
 
 def _gaps_torch(u: torch.Tensor, table: torch.Tensor, rho: float, longest: int) -> torch.Tensor:
     last = table.shape[0] - 1
-    est = torch.floor(torch.log(u.clamp_min(1) * 2.0**-53) / math.log1p(-rho)).clamp_(0, longest).to(torch.int64)
+    est = torch.floor(torch.log((u + 1) * 2.0**-53) / math.log1p(-rho)).clamp_(0, longest).to(torch.int64)
     g = est.clamp_max(last - 1)
     g = g + (u < table[g + 1]).to(torch.int64) - (u >= table[g]).to(torch.int64)
     return torch.where(est < last - 1, g, est).clamp_max_(longest)  # capped table (tiny ρ): the estimate
@@ -160,7 +162,7 @@ def _gaps_torch(u: torch.Tensor, table: torch.Tensor, rho: float, longest: int) 
 
 def _gaps_numpy(u: np.ndarray, table: np.ndarray, rho: float, longest: int) -> np.ndarray:
     last = table.shape[0] - 1
-    est = np.clip(np.floor(np.log(np.maximum(u, 1) * 2.0**-53) / math.log1p(-rho)), 0, longest).astype(np.int64)
+    est = np.clip(np.floor(np.log((u + 1) * 2.0**-53) / math.log1p(-rho)), 0, longest).astype(np.int64)
     g = np.minimum(est, last - 1)
     g += (u < table[g + 1]).astype(np.int64) - (u >= table[g])
     return np.minimum(np.where(est < last - 1, g, est), longest)
