@@ -154,7 +154,8 @@ def geometric_gaps(u: torch.Tensor, rho: float, longest: int) -> torch.Tensor:
 
 def _gaps_torch(u: torch.Tensor, table: torch.Tensor, rho: float, longest: int) -> torch.Tensor:
     last = table.shape[0] - 1
-    est = torch.floor(torch.log((u + 1) * 2.0**-53) / math.log1p(-rho)).clamp_(0, longest).to(torch.int64)
+    x = (u + 1).to(torch.float64) * 2.0**-53  # float64: (an int64 tensor times a float would be float32)
+    est = torch.floor(torch.log(x) / math.log1p(-rho)).clamp_(0, longest).to(torch.int64)
     g = est.clamp_max(last - 1)
     g = g + (u < table[g + 1]).to(torch.int64) - (u >= table[g]).to(torch.int64)
     return torch.where(est < last - 1, g, est).clamp_max_(longest)  # capped table (tiny ρ): the estimate
