@@ -184,13 +184,14 @@ def _draw(
     ``keys`` ``(I, K)``: chunk-local keys ``i_local·N + j`` of the ``K`` = :func:`draws_per_image`
     drawn trials of each image (row-major: increasing along a row of valid entries); ``valid``
     ``(I, K)``: the trial lies inside the image; ``truncated``: images whose stream ran out.
-    ``use_numpy`` (default: on CPU) picks the NumPy implementation; both give the same bits.
+    ``use_numpy`` (default: off CUDA) picks the NumPy implementation, whose results are moved to
+    ``device`` (Apple MPS has no 64-bit floats); both implementations give the same bits.
     """
     trials = per_image * (n - 1)
     first_image = rows.start // per_image
     images = range(first_image, first_image + (rows.stop - rows.start) // per_image)
     count, key = draws_per_image(trials, rho), step_key(seed, step)
-    if device.type == "cpu" if use_numpy is None else use_numpy:  # NumPy: ~2× torch on these passes
+    if device.type != "cuda" if use_numpy is None else use_numpy:  # NumPy: ~2× torch on these passes
         table = _threshold_table_cpu(rho, trials).numpy()
         pos = np.cumsum(_gaps_numpy(_uniform53_numpy(key, images, count), table, rho, trials) + 1, axis=1) - 1
         valid = pos < trials
@@ -200,7 +201,8 @@ def _draw(
         c = pos - r * (n - 1)
         anchor = r + (np.arange(len(images), dtype=np.int64) * per_image)[:, None]  # chunk-local row
         keys = anchor * n + c + (c >= anchor + rows.start)
-        return torch.from_numpy(keys), torch.from_numpy(valid), torch.tensor(int(valid[:, -1].sum()))
+        return (torch.from_numpy(keys).to(device), torch.from_numpy(valid).to(device),
+                torch.tensor(int(valid[:, -1].sum()), device=device))
     u = _uniform53_torch(key, images, count, device)
     t_pos = _gaps_torch(u, _threshold_table(rho, trials, device), rho, trials).add_(1).cumsum_(1).sub_(1)
     t_valid = t_pos < trials
