@@ -10,10 +10,10 @@ How. The trials of one image — its ``S²`` anchors against the ``N − 1`` oth
 row-major, ``T = S²·(N − 1)`` trials — are enumerated by the gaps between successes: the gaps are
 i.i.d. Geometric(ρ) (failures before a success), so the ``k``-th success sits at
 ``Σ_{l≤k} (G_l + 1) − 1`` and the cost is proportional to the successes, not to the trials.
-The ``k``-th gap comes from the ``k``-th output of a SplitMix64 stream (:func:`uniform53`) whose
-state starts at a key hashed from ``(seed, step, image)`` (:func:`step_key`, :func:`uniform53`); its 53 high bits
-``U`` give ``G = #{g ≥ 1 : U < ⌊(1−ρ)^g·2^53⌋}``, found from ``log U / log(1−ρ)`` and corrected
-exactly against the integer thresholds (:func:`geometric_gaps`), so the floating-point
+The ``k``-th gap comes from the ``k``-th output of a SplitMix64 stream whose state starts at a
+key hashed from ``(seed, step, image)`` (:func:`step_key`, :func:`uniform53`); its 53 high bits
+``U`` give ``G = #{g ≥ 1 : U < ⌊(1−ρ)^g·2^53⌋}``, found from ``log((U+1)/2^53) / log(1−ρ)`` and
+corrected exactly against the integer thresholds (:func:`geometric_gaps`), so the floating-point
 logarithm of one device never decides a draw (for ρ < 3.5·10⁻⁵, gaps longer than 2^20 — past the
 threshold table — are left to the logarithm, whose last bit may differ between devices). A stream holds
 :func:`draws_per_image` gaps — the mean number of successes plus 12 standard deviations plus
@@ -26,9 +26,9 @@ Two consumers:
 * :func:`negative_keep_mask` — the ``(M, N)`` bool mask (the dense path), written by a scatter
   with no host synchronisation.
 
-On CPU the stream is computed with NumPy's unsigned 64-bit integers; elsewhere with torch
-``int64`` (wrapping multiplication, logical shifts emulated by masks). The two give the same bits
-(``tests/test_hidden_positives.py``).
+Off CUDA the draw is computed with NumPy (unsigned 64-bit integers, float64), on CUDA with torch
+``int64`` (wrapping multiplication, logical shifts emulated by masks) and float64. The two give
+the same bits (``tests/test_negatives.py``).
 """
 
 from __future__ import annotations
