@@ -42,6 +42,14 @@ def test_overrides_are_typed_and_aliases_work():
     assert cfg.model.n_clusters == 40
 
 
+def test_scientific_notation_is_a_number():
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float setting takes it as Python does."""
+    cfg = build_config("synthetic", ["train.lr_head=1e-3", "loss.memory_gb=2E1", "train.weight_decay=5e-2"])
+    assert cfg.train.lr_head == 1e-3 and cfg.loss.memory_gb == 20.0 and cfg.train.weight_decay == 0.05
+    with pytest.raises(HPSegError, match="expects a number"):
+        build_config("synthetic", ["train.lr_head=fast"])
+
+
 def test_string_values_are_kept_verbatim():
     cfg = build_config("synthetic", ["train.out_dir=0001", "data.root=yes"])
     assert cfg.train.out_dir == "0001" and cfg.data.root == "yes"

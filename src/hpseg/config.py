@@ -229,6 +229,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise HPSegError(f"{key} expects an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept Python's spelling
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HPSegError(f"{key} expects a number, got {value!r}")
         return float(value)
