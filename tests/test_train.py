@@ -308,3 +308,23 @@ def test_seeded_items_seed_a_wrapped_subset_too():
     a = next(iter(DataLoader(wrapped, batch_size=2, sampler=keys)))
     b = next(iter(DataLoader(wrapped, batch_size=2, sampler=keys)))
     assert torch.equal(a, b)  # each item a function of its seed
+
+
+def test_fit_keys_the_negatives_by_run_seed_and_iteration(tiny_cfg, tmp_path, monkeypatch):
+    """The loop's wiring of the negatives draw: every step passes its own iteration, the loss
+    carries the run's seed (per rank), so the draw is fresh each step and differs between seeds."""
+    from hpseg.hidden_positives import HiddenPositiveLoss
+    from hpseg.train import negatives_seed
+
+    calls: list[tuple[int, int]] = []
+    real = HiddenPositiveLoss.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.seed, kwargs["step"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HiddenPositiveLoss, "forward", spy)
+    train_one(tiny_cfg("train.max_iters=4", "loss.rho=0.3", "train.seed=7"), tmp_path / "run")
+    assert [step for _, step in calls] == [0, 1, 2, 3]
+    assert {seed for seed, _ in calls} == {negatives_seed(7, 0)}
+    assert negatives_seed(7, 0) != negatives_seed(8, 0) and negatives_seed(7, 0) != negatives_seed(7, 1)
