@@ -299,7 +299,7 @@ class Backbone(nn.Module):
         patches = self._patches(images)
         prefix = patches.new_zeros(patches.shape[0], self.num_prefix_tokens, patches.shape[2])
         x = torch.cat((prefix, patches), dim=1) + self.token_base(h, w).to(patches.dtype)
-        return self.vit.norm_pre(x)  # type: ignore[no-any-return]  # position dropout and patch dropout: identities in eval mode  # type: ignore[no-any-return]
+        return self.vit.norm_pre(x)  # type: ignore[no-any-return]  # position/patch dropout: identities in eval mode
 
     def attention_logits(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-softmax attention ``(q·kᵀ)·d^-0.5`` of the last block on its input tokens ``x`` (B, T, F).
@@ -310,9 +310,9 @@ class Backbone(nn.Module):
         logits = (q * scale) @ k.transpose(-2, -1)
         t = logits.shape[-1]
         if self.num_prefix_tokens > 1:
-            keep = torch.cat(
-                (torch.zeros(1, dtype=torch.long), torch.arange(self.num_prefix_tokens, t, dtype=torch.long))
-            ).to(logits.device)
+            device = logits.device  # built on the device: no host-to-device copy in every forward
+            keep = torch.cat((torch.zeros(1, dtype=torch.long, device=device),
+                              torch.arange(self.num_prefix_tokens, t, dtype=torch.long, device=device)))
             logits = logits.index_select(2, keep).index_select(3, keep)
         return logits
 
