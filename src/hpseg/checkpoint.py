@@ -33,7 +33,7 @@ from hpseg.backbones import (
 )
 from hpseg.config import ModelConfig
 from hpseg.errors import HPSegError
-from hpseg.io import atomic_torch_save
+from hpseg.io import atomic_torch_save, safe_torch_load
 from hpseg.model import HPModel, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -148,18 +148,13 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
     """The raw content of a checkpoint file, loaded with ``weights_only=True``.
 
     Raises:
-        HPSegError: missing or unreadable file.
+        HPSegError: missing, damaged or foreign file (one line naming it; exports are recognised).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HPSegError(f"checkpoint {path} does not exist: check the path")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise HPSegError(
-            f"cannot read {path} as a checkpoint ({type(exc).__name__}: {exc}); expected an hpseg "
-            "checkpoint (hpseg train / hpseg convert) or the authors' ckpt.pth"
-        ) from exc
+    return safe_torch_load(
+        path, map_location=map_location,
+        expected="an hpseg checkpoint (hpseg train / hpseg convert) or the authors' ckpt.pth",
+        fix="give a run folder or its best.pt / final.pt",
+    )
 
 
 def _class_names(

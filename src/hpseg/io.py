@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import torch
 
+from hpseg.errors import HPSegError
+
 __all__ = [
     "atomic_path",
     "atomic_torch_save",
@@ -29,6 +31,7 @@ __all__ = [
     "default_file_mode",
     "file_sha256",
     "finite",
+    "safe_torch_load",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -106,3 +109,55 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def _file_kind(path: Path) -> str | None:
+    """What a file that ``torch.load`` cannot read looks like: an export, empty, or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes; a save that never finished?)"
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX export (hpseg export), not a checkpoint"
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "a TorchScript export (hpseg export --format torchscript), not a checkpoint"
+    return None
+
+
+def safe_torch_load(path: str | os.PathLike[str], *, expected: str, fix: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` whose failures are one line naming the file.
+
+    The error never repeats PyTorch's advice to retry with ``weights_only=False``: for a damaged
+    or foreign file that advice is wrong, and for an untrusted one it is unsafe. TorchScript and
+    ONNX exports, empty and truncated files are recognised and said as such.
+
+    Args:
+        path: the file. expected: what it should be (``"an hpseg checkpoint"``).
+        fix: what the user can do, appended to the message (``"give the run folder or its best.pt"``).
+        map_location: as for ``torch.load``.
+
+    Raises:
+        HPSegError: ``"cannot read <path>: <what it is>; expected <expected>: <fix>"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HPSegError(f"{path} does not exist (expected {expected}): {fix}")
+    kind = _file_kind(path)  # before torch.load, which warns about TorchScript archives
+    if kind is None:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, …)
+            import zipfile
+
+            text = str(exc)
+            if not zipfile.is_zipfile(path):
+                kind = "not a PyTorch file (damaged, truncated, or another kind of file)"
+            elif "weights_only" in text or "Weights only load failed" in text:
+                kind = "it holds Python objects that safe loading (weights_only=True) refuses to run"
+            else:
+                kind = "not a complete PyTorch file (truncated or damaged)"
+    raise HPSegError(f"cannot read {path}: {kind}; expected {expected}: {fix}")

@@ -37,6 +37,7 @@ from hpseg.backbones.registry import (
 )
 from hpseg.backbones.vit import BackboneArch
 from hpseg.errors import HPSegError
+from hpseg.io import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,9 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise HPSegError(
                 f"cannot read {path} as safetensors ({exc}): re-download or re-export it"
             ) from exc
-    try:
-        with _allow_namespace():
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise HPSegError(
-            f"cannot load {path} with torch.load(weights_only=True) ({type(exc).__name__}: {exc}): "
-            "pass a plain state dict / DINO checkpoint saved by torch.save"
-        ) from exc
+    with _allow_namespace():
+        obj = safe_torch_load(path, expected="backbone weights (a state dict or a DINO checkpoint)",
+                              fix="re-download the file, or pass a state dict saved by torch.save as weights=")
     return normalize_state_dict(obj)
 
 
