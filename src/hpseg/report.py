@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from hpseg.io import atomic_write_text
-from hpseg.results import AGREEMENT_FIGURES, LABEL_FREE_FIGURES, HeadScore, Results, find_results
+from hpseg.results import (
+    AGREEMENT_FIGURES,
+    LABEL_FREE_FIGURES,
+    HeadScore,
+    Results,
+    difference_cell,
+    find_results,
+)
 from hpseg.viz import hex_colour, palette
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,7 @@ table.confusion td { width: 22px; height: 18px; padding: 0; font-size: 10px; tex
 table.confusion th { font-size: 10px; padding: 2px 4px; white-space: nowrap; }
 .missing { color: #b00020; font-size: 12px; }
 .note { background: #fff6e0; border: 1px solid #f0d590; padding: 8px 12px; }
+p.verdict { font-size: 15px; margin: 6px 0; } ul.verdict { margin: 4px 0 8px; padding-left: 22px; }
 .clusters img { height: 100px; image-rendering: auto; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 """
@@ -188,23 +196,42 @@ def _diagnostics(diagnostics: dict[str, Any]) -> str:
     return _kv_table(rows)
 
 
+def _verdict(verdict: dict[str, Any]) -> list[str]:
+    """The verdict in words: the overall sentence, one per figure, and how the intervals were made."""
+    if not verdict:
+        return []
+    rows = verdict.get("figures") or {}
+    items = "".join(f"<li>{_e(row['sentence'])}</li>" for row in rows.values() if row.get("sentence"))
+    return [f'<p class="verdict"><strong>{_e(verdict.get("overall", ""))}</strong></p>',
+            f'<ul class="verdict">{items}</ul>',
+            f'<p class="sub">intervals: {_e(verdict.get("method", ""))}; a difference is clear when its interval '
+            f"excludes 0; below {_e(verdict.get('min_images', '?'))} held-out images no verdict is given.</p>"]
+
+
 def _label_free(label_free: dict[str, Any]) -> list[str]:
-    """The label-free verdict: one row per figure, one column per method, and what each means."""
+    """The label-free verdict: in words, then one row per figure, one column per method (and the
+    difference with its interval), and what each means."""
     methods: dict[str, dict[str, Any]] = label_free.get("methods") or {}
     if not methods:
         return []
     names = list(methods)
-    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    verdict: dict[str, Any] = label_free.get("verdict") or {}
+    diffs: dict[str, dict[str, Any]] = verdict.get("figures") or {}
+    diff_head = f"<th>{_e(names[0])} − {_e(names[1])} [95 % interval]</th>" if verdict and len(names) > 1 else ""
+    head = "".join(f"<th>{_e(n)}</th>" for n in names) + diff_head
     rows = []
     for key, title, meaning in LABEL_FREE_FIGURES:
         values = [methods[n].get(key) for n in names]
         if all(v is None for v in values):
             continue
         cells = "".join(f'<td class="num">{_e(_label_free_value(key, v))}</td>' for v in values)
+        if diff_head:
+            cells += f'<td class="num">{_e(difference_cell(key, diffs[key])) if key in diffs else ""}</td>'
         rows.append(f"<tr><td>{_e(title)}</td>{cells}<td class=\"sub\">{_e(meaning)}</td></tr>")
     parts = ["<h2>Label-free verdict</h2>",
              f'<p class="sub">on {_e(label_free.get("n_images", "?"))} held-out images (never trained on); '
              "figures compare between runs, between values of K and between methods.</p>",
+             *_verdict(verdict),
              f'<table class="labelfree"><tr><th>figure</th>{head}<th>what it means</th></tr>{"".join(rows)}</table>']
     if "boundary_edge_chance" in label_free:
         parts.append(f'<p class="sub">chance level of "boundaries on image edges": '

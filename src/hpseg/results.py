@@ -15,8 +15,10 @@ Layout of ``results.json`` (``format: "hpseg-results"``, ``format_version: 1``):
     confusion     {head: (K, C) counts}
     gallery       [{"image": "gallery/0_image.png", "label": …, "unsupervised": …}, …]
     diagnostics   hidden-positive diagnostics and label-free numbers of the evaluated model
-    label_free    label-free figures on held-out images per method ("HP", "k-means") and their
-                  agreement (``hpseg.evaluate.label_free_evaluation``; runs without labels)
+    label_free    label-free figures on held-out images per method ("HP", "k-means"; with their
+                  chance levels, chance-corrected forms and 95 % intervals), their agreement and
+                  the verdict in words with intervals (``verdict``: ``hpseg.verdict``)
+                  (``hpseg.evaluate.label_free_evaluation``; runs without labels)
     cluster_names names given to the clusters (``hpseg name``), when any
     cluster_gallery [{"cluster": k, "name": …, "strip": "clusters/k.png", "pixels": n}, …]
     notes         anything else (e.g. the demo's wall time)
@@ -44,6 +46,7 @@ __all__ = [
     "aggregate_seeds",
     "find_results",
     "format_iou_table",
+    "difference_cell",
     "format_label_free",
     "format_table",
 ]
@@ -315,17 +318,23 @@ AGREEMENT_FIGURES = (
 
 
 def format_label_free(label_free: dict[str, Any]) -> str:
-    """The label-free figures as a plain-text table: one row per figure, one column per method."""
+    """The label-free figures as a plain-text table (one row per figure, one column per method,
+    and with two methods the difference with its 95 % interval), then the verdict in words."""
     methods: dict[str, dict[str, Any]] = label_free.get("methods") or {}
     names = list(methods)
+    verdict: dict[str, Any] = label_free.get("verdict") or {}
+    rows: dict[str, dict[str, Any]] = verdict.get("figures") or {}
+    diff_title = f"{names[0]} − {names[1]} [95 % interval]" if verdict and len(names) > 1 else ""
     lines = [f"label-free figures on {label_free.get('n_images', '?')} held-out images (higher is better "
              "unless noted; see the report for what each means)",
-             f"{'figure':<30}" + "".join(f"{n:>14}" for n in names), "-" * (30 + 14 * len(names))]
+             f"{'figure':<30}" + "".join(f"{n:>14}" for n in names) + (f"   {diff_title}" if diff_title else ""),
+             "-" * (30 + 14 * len(names) + (3 + len(diff_title) if diff_title else 0))]
     for key, title, _ in LABEL_FREE_FIGURES:
         cells = [methods[n].get(key) for n in names]
         if all(c is None for c in cells):
             continue
-        lines.append(f"{title:<30}" + "".join(f"{'n/a' if c is None else _figure(key, c):>14}" for c in cells))
+        line = f"{title:<30}" + "".join(f"{'n/a' if c is None else _figure(key, c):>14}" for c in cells)
+        lines.append(line + (f"   {difference_cell(key, rows[key])}" if key in rows else ""))
     if "boundary_edge_chance" in label_free:
         lines.append(f"{'  (chance level of boundaries)':<30}{label_free['boundary_edge_chance']:>14.1f}")
     pair = label_free.get("agreement") or {}
@@ -333,7 +342,23 @@ def format_label_free(label_free: dict[str, Any]) -> str:
         a, b = (pair.get("methods") or ["?", "?"])[:2]
         lines.append(f"{a} vs {b}: " + " · ".join(f"{title} {pair[key]:.3f}" for key, title, _ in AGREEMENT_FIGURES
                                                    if isinstance(pair.get(key), (int, float))))
+    if verdict:
+        lines += ["", f"verdict ({verdict.get('method', 'paired bootstrap over images')}):"]
+        lines += [f"  - {row['sentence']}" for row in rows.values() if row.get("sentence")]
+        lines.append(f"  overall: {verdict.get('overall', '')}")
     return "\n".join(lines)
+
+
+def difference_cell(key: str, row: dict[str, Any]) -> str:
+    """``"+9.1 [+4.0, +14.0]"``: a verdict row's difference and interval (``"+9.1 (too few images)"``
+    without an interval)."""
+    digits = 3 if key == "cluster_entropy" else 1
+    diff = row.get("difference")
+    text = "n/a" if not isinstance(diff, (int, float)) else f"{diff:+.{digits}f}"
+    low, high = row.get("low"), row.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return f"{text} [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return f"{text} ({row.get('call', 'no interval')})"
 
 
 def _figure(key: str, value: Any) -> str:
