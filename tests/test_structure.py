@@ -55,7 +55,7 @@ LAYERS = {
                          "diagnostics", "label_free", "verdict"],
     "data and files": ["data", "checkpoint", "results", "viz"],
     "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
-    "presentation": ["report", "compare"],
+    "presentation": ["report", "compare", "sweep_page"],
     "entry": ["pipeline", "demo", "sweep"],
     "commands": ["cli", "__main__"],
 }

@@ -392,9 +392,10 @@ def write_results(out_dir: Path, results: Results, output: EvalOutput) -> Path:
     if output.gallery:
         labelled = output.labelled
         label_names = names if labelled else _cluster_label_names(results)
-        columns = _GALLERY_COLUMNS if labelled else [("image", "image"), ("unsupervised", "HP clusters")]
+        k = results.protocol.n_clusters
+        columns = _GALLERY_COLUMNS if labelled else [("image", "image"), ("unsupervised", f"HP clusters, K={k}")]
         if all("kmeans" in row for row in output.gallery):  # k-means beside HP, in HP's colours
-            columns = [*columns, ("kmeans", "k-means (frozen backbone)")]
+            columns = [*columns, ("kmeans", f"k-means (frozen backbone), K={k}")]
         save_figure(gallery_figure(output.gallery, columns, label_names), out_dir / "predictions.png", dpi=100)
         results.gallery = []
         for i, row in enumerate(output.gallery):

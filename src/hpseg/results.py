@@ -42,6 +42,7 @@ __all__ = [
     "LABEL_FREE_FIGURES",
     "HeadScore",
     "Protocol",
+    "RANDOM_WEIGHTS",
     "Results",
     "aggregate_seeds",
     "find_results",
@@ -53,6 +54,8 @@ __all__ = [
 
 FORMAT = "hpseg-results"
 FORMAT_VERSION = 1
+#: :attr:`Protocol.backbone_weights` of an untrained backbone
+RANDOM_WEIGHTS = "random"
 CROP = "resize shorter side to {r}, centre crop {r}x{r}; labels nearest; code upsampled bilinearly to label size"
 
 
@@ -86,6 +89,9 @@ class Protocol:
     python: str = field(default_factory=platform.python_version)
     seeds: list[str] | None = None
     checkpoints: dict[str, str] | None = None
+    #: the backbone's weights: "pretrained" (official or shipped), "file NAME" (``model.weights``),
+    #: "random" (``model.pretrained=false``: an untrained backbone); "" in files older than this field
+    backbone_weights: str = ""
 
     def __post_init__(self) -> None:
         if not self.crop:
@@ -108,6 +114,17 @@ class Protocol:
                    "n_clusters": 0, "n_classes": 0, "matching": "?", "backbone": "?"}
         return cls(**{**missing, **_known(cls, data)})
 
+    @property
+    def untrained(self) -> bool:
+        """Whether the backbone had random weights (``model.pretrained=false``)."""
+        return self.backbone_weights == RANDOM_WEIGHTS
+
+    def weights_text(self) -> str:
+        """The backbone's weights in words (``"?"`` for files that did not record them)."""
+        if self.untrained:
+            return "RANDOM WEIGHTS (model.pretrained=false: an untrained backbone)"
+        return self.backbone_weights or "?"
+
     def describe(self) -> str:
         """Two lines printed above every table."""
         crf = "on" if self.crf else "off"
@@ -118,7 +135,7 @@ class Protocol:
         return "\n".join([
             f"protocol: {self.dataset} / {self.split} ({self.n_images} images) · eval {self.eval_resolution}px "
             f"centre crop · CRF {crf} · {scoring}",
-            f"          backbone {self.backbone} · checkpoint {checkpoint} · {self.precision} · "
+            f"          backbone {self.backbone} ({self.weights_text()}) · checkpoint {checkpoint} · {self.precision} · "
             f"hpseg {self.hpseg_version} · torch {self.torch_version} · {self.device}",
         ])
 

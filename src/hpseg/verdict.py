@@ -50,8 +50,8 @@ MIN_IMAGES = 6
 #: figures with a better direction (higher is better); they make the overall verdict
 DIRECTIONAL = ("flip_stability", "photometric_stability", "boundary_edge_precision")
 #: figures a method's own interval is given for (what the K sweep compares)
-INTERVAL_FIGURES = ("flip_stability_corrected", "photometric_stability_corrected", "stability_corrected",
-                    "boundary_edge_precision")
+INTERVAL_FIGURES = ("flip_stability", "photometric_stability", "boundary_edge_precision", "flip_stability_corrected",
+                    "photometric_stability_corrected", "stability_corrected", "boundary_edge_corrected")
 
 #: figure → (title, words when the first method is higher, when lower, digits)
 _WORDING = {
