@@ -157,3 +157,19 @@ def test_verdict_travels_through_results_json_the_summary_and_the_report(tmp_pat
     flip = verdict["figures"]["flip_stability"]
     assert f"{flip['difference']:+.1f} [{flip['low']:+.1f}, {flip['high']:+.1f}]" in page
     assert flip["sentence"] in page
+
+
+def test_report_lists_the_held_out_images_when_the_run_folder_does(tmp_path) -> None:  # noqa: ANN001
+    from hpseg.report import write_report
+    from hpseg.results import Protocol, Results
+
+    out = label_free_evaluation({"HP": (_position, 2)}, _scenes(2), CPU)
+    run = tmp_path / "run"
+    protocol = Protocol(dataset="folder", split="held-out", n_images=2, eval_resolution=16, crf=False, n_clusters=2,
+                        n_classes=2, matching="none", backbone="dino_custom", labelled=False)
+    Results(protocol, ["a", "b"], label_free=out.figures).write((run / "eval").mkdir(parents=True) or
+                                                                 run / "eval" / "results.json")
+    assert "held-out images (never trained on; listed in" not in write_report(run / "eval").read_text()
+    (run / "held_out.txt").write_text("beach/p1.jpg\np7.jpg\n")
+    page = write_report(run / "eval").read_text()
+    assert "the 2 held-out images (never trained on" in page and "<code>beach/p1.jpg</code>" in page

@@ -277,6 +277,26 @@ def _cluster_gallery(results: Results, images: _Images) -> list[str]:
     ]
 
 
+#: the file listing a folder run's held-out images, in the run folder
+HELD_OUT_FILE = "held_out.txt"
+
+
+def _held_out(results: Results, results_dir: Path) -> list[str]:
+    """The held-out images, when the run folder lists them (``held_out.txt`` beside the
+    evaluation folder, or beside the evaluated checkpoint)."""
+    folders = [results_dir, results_dir.parent]
+    if results.protocol.checkpoint:
+        folders.append(Path(results.protocol.checkpoint).parent)
+    found = next((f / HELD_OUT_FILE for f in folders if (f / HELD_OUT_FILE).is_file()), None)
+    if found is None:
+        return []
+    names = [line for line in found.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    items = "".join(f"<li><code>{_e(n)}</code></li>" for n in names[:500])
+    more = f"<li>… and {len(names) - 500} more (see {_e(found)})</li>" if len(names) > 500 else ""
+    return [f"<details><summary>the {len(names)} held-out images (never trained on; listed in "
+            f"<code>{_e(found)}</code>)</summary><ul>{items}{more}</ul></details>"]
+
+
 def _single_run(results: Results, images: _Images, results_dir: Path) -> list[str]:
     parts: list[str] = []
     names = results.class_names
@@ -287,6 +307,8 @@ def _single_run(results: Results, images: _Images, results_dir: Path) -> list[st
     if rows:
         parts += ["<h2>Metrics</h2>", _metrics_table(rows)]
     parts += _label_free(results.label_free)
+    if results.label_free:
+        parts += _held_out(results, results_dir)
     if results.diagnostics:
         parts += ["<h2>Diagnostics</h2>", _diagnostics(results.diagnostics)]
         if not results.protocol.labelled:
