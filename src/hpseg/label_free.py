@@ -228,17 +228,20 @@ def match_clusters(table: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
+def _sizes(ids: torch.Tensor, k: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``ids`` ``(B, P)``, the pixels of each cluster (only where ``keep``) → ``(B, K)`` float64."""
+    n = ids.shape[0]
+    shifted = ids + (torch.arange(n) * k).unsqueeze(1)
+    flat = shifted[keep] if keep is not None else shifted.flatten()
+    return torch.bincount(flat, minlength=n * k).view(n, k).double()
+
+
 def stability_counts(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image and cluster, the intersection and union of ``a`` and ``b`` (``(B, H, W)`` cluster
     ids in ``[0, k)``) → two ``(B, K)`` float64 arrays (what :class:`StabilityMeter` sums)."""
     a, b = _check(a, k).flatten(1).cpu(), _check(b, k).flatten(1).cpu()
-    n = a.shape[0]
-    offset = (torch.arange(n) * k).unsqueeze(1)
-    same = a == b
-    inter = torch.bincount((a + offset)[same], minlength=n * k).view(n, k).double()
-    size_a = torch.bincount((a + offset).flatten(), minlength=n * k).view(n, k).double()
-    size_b = torch.bincount((b + offset).flatten(), minlength=n * k).view(n, k).double()
-    return inter.numpy(), (size_a + size_b - inter).numpy()
+    inter = _sizes(a, k, a == b)
+    return inter.numpy(), (_sizes(a, k) + _sizes(b, k) - inter).numpy()
 
 
 def chance_intersection(a: torch.Tensor, b: torch.Tensor, k: int) -> np.ndarray:
@@ -246,11 +249,7 @@ def chance_intersection(a: torch.Tensor, b: torch.Tensor, k: int) -> np.ndarray:
     cluster sizes of ``a`` and ``b`` (``(B, H, W)``), each pixel's id drawn independently:
     ``|a = c| · |b = c| / pixels`` → ``(B, K)`` float64."""
     a, b = _check(a, k).flatten(1).cpu(), _check(b, k).flatten(1).cpu()
-    n, pixels = a.shape
-    offset = (torch.arange(n) * k).unsqueeze(1)
-    size_a = torch.bincount((a + offset).flatten(), minlength=n * k).view(n, k).double()
-    size_b = torch.bincount((b + offset).flatten(), minlength=n * k).view(n, k).double()
-    return (size_a * size_b / max(pixels, 1)).numpy()
+    return (_sizes(a, k) * _sizes(b, k) / max(a.shape[1], 1)).numpy()
 
 
 def boundary_counts(pred: torch.Tensor, edges: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -323,8 +322,7 @@ class ImageCounts:
         self.rows["boundary"].append(boundary)
         self.rows["edge"].append(edges.flatten(1).sum(1).double().cpu().numpy())
         self.rows["total"].append(np.full(pred.shape[0], float(pred[0].numel() if len(pred) else 0)))
-        pixels = F.one_hot(_check(pred, self.k).flatten(1).cpu(), self.k).sum(1)
-        self.rows["pixels"].append(pixels.double().numpy())
+        self.rows["pixels"].append(_sizes(_check(pred, self.k).flatten(1).cpu(), self.k).numpy())
 
     def __len__(self) -> int:
         return int(sum(len(r) for r in self.rows["on_edge"]))
