@@ -228,7 +228,7 @@ def _label_free(label_free: dict[str, Any]) -> list[str]:
         if diff_head:
             cells += f'<td class="num">{_e(difference_cell(key, diffs[key])) if key in diffs else ""}</td>'
         rows.append(f"<tr><td>{_e(title)}</td>{cells}<td class=\"sub\">{_e(meaning)}</td></tr>")
-    parts = ["<h2>Label-free verdict</h2>",
+    parts = ['<h2 id="verdict">Label-free verdict</h2>',
              f'<p class="sub">on {_e(label_free.get("n_images", "?"))} held-out images (never trained on); '
              "figures compare between runs, between values of K and between methods.</p>",
              *_verdict(verdict),
@@ -395,6 +395,10 @@ def render_report(results: Results, results_dir: Path, page_dir: Path, *, embed:
         sub.append("no labels")
     body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub))}</p>',
             "<h2>Protocol</h2>", _kv_table(_protocol_fields(p.to_dict()))]
+    overall = (results.label_free.get("verdict") or {}).get("overall")
+    if overall:  # the answer first; the figures, intervals and protocol follow
+        body.insert(2, f'<p class="verdict">Label-free verdict: <strong>{_e(overall)}</strong> '
+                       '<a href="#verdict">details</a></p>')
     if p.untrained:
         body.insert(2, '<p class="note"><strong>Untrained backbone.</strong> The backbone had random weights '
                        "(<code>model.pretrained=false</code>): these figures say nothing about what HP does "
