@@ -67,9 +67,10 @@ def test_recommendation_takes_the_largest_k_not_clearly_less_stable() -> None:
 
 
 def test_recommendation_says_so_when_the_figures_do_not_separate_k() -> None:
-    rec = recommend_k({4: _row(60, 50, 70), 6: _row(57, 47, 66), 8: _row(55, 51, 62)})
+    rec = recommend_k({4: _row(60, 50, 70), 6: _row(57, 47, 66), 8: _row(55, 51, 62, empty=2)})
     assert rec["k"] is None and not rec["separated"]
     assert rec["reason"].startswith("the figures do not separate these K")
+    assert rec["reason"].endswith("; K=8 leaves 2 of its clusters empty; choose from the galleries")
     few = {4: _row(60, 50, 70), 6: _row(57, 47, 66)}
     del few[6]["methods"]["HP"]["intervals"]
     assert recommend_k(few)["reason"].startswith("too few held-out images")

@@ -122,11 +122,12 @@ def recommend_k(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
     best = max(scores, key=lambda k: scores[k][0])
     floor = scores[best][1][0]  # type: ignore[index]
     below = [k for k, sc in scores.items() if sc[1][1] < floor]  # type: ignore[index]
+    empty = "".join(f"; K={k} leaves {sc[2]} of its clusters empty" for k, sc in scores.items() if sc[2])
     if not below:
         return {"k": None, "separated": False,
-                "reason": "the figures do not separate these K: every K's chance-corrected stability lies within "
-                          f"the best one's 95 % interval ({'; '.join(_said(k, sc) for k, sc in scores.items())}); "
-                          "choose from the galleries"}
+                "reason": "the figures do not separate these K: no K's chance-corrected stability is clearly below "
+                          "the best one's (every 95 % interval reaches the best's: "
+                          f"{'; '.join(_said(k, sc) for k, sc in scores.items())}){empty}; choose from the galleries"}
     fine = [k for k, sc in scores.items() if k not in below and sc[2] == 0]
     if not fine:
         return {"k": None, "separated": True,
