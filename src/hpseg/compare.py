@@ -18,6 +18,7 @@ import numpy as np
 from hpseg.io import atomic_write_text
 from hpseg.results import (
     AGREEMENT_FIGURES,
+    CORRECTED_FIGURES,
     LABEL_FREE_FIGURES,
     RANDOM_WEIGHTS,
     HeadScore,
@@ -51,8 +52,8 @@ def label_free_rows(path: Path) -> dict[str, float]:
     label_free = Results.read(find_results(path)).label_free
     rows: dict[str, float] = {}
     for method, figures in (label_free.get("methods") or {}).items():
-        rows.update({f"{method} {title}": float(figures[key]) for key, title, _ in LABEL_FREE_FIGURES
-                     if isinstance(figures.get(key), (int, float))})
+        rows.update({f"{method} {title}": float(figures[key]) for key, title, _ in
+                     (*LABEL_FREE_FIGURES, *CORRECTED_FIGURES) if isinstance(figures.get(key), (int, float))})
     pair = label_free.get("agreement") or {}
     names = " vs ".join(pair.get("methods") or [])
     rows.update({f"{names} {title}": float(pair[key]) for key, title, _ in AGREEMENT_FIGURES
@@ -81,16 +82,17 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
     for _, _, rows in runs:
         heads += [h for h in rows if h not in heads]
     diffs = protocol_differences([p for _, p, _ in runs])
+    free = [label_free_rows(p) for p in paths]
     width = max(12, *(len(n) for n, _, _ in runs))
-    lines = [f"{'head':<22}" + "".join(f"{name:>{width + 2}}" for name, _, _ in runs)]
+    first = max(22, *(len(k) + 1 for rows in free for k in rows), *(len(h) + 6 for h in heads))
+    lines = [f"{'head':<{first}}" + "".join(f"{name:>{width + 2}}" for name, _, _ in runs)]
     for head in heads:
         for key, label in (("accuracy", "acc"), ("miou", "mIoU")):
             cells = [rows[head].cell(key).strip() if head in rows else "-" for _, _, rows in runs]
-            lines.append(f"{head + ' ' + label:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
-    free = [label_free_rows(p) for p in paths]
+            lines.append(f"{head + ' ' + label:<{first}}" + "".join(f"{c:>{width + 2}}" for c in cells))
     for key in dict.fromkeys(k for rows in free for k in rows):
         cells = [f"{rows[key]:.3g}" if key in rows else "-" for rows in free]
-        lines.append(f"{key:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        lines.append(f"{key:<{first}}" + "".join(f"{c:>{width + 2}}" for c in cells))
     label_free = [Results.read(find_results(p)).label_free for p in paths]
     verdicts = [(name, (lf.get("verdict") or {}).get("overall")) for (name, _, _), lf in zip(runs, label_free)]
     lines += [f"verdict {name}: {text}" for name, text in verdicts if text]
@@ -101,6 +103,8 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
         lines.append("WARNING: protocols differ — these figures are not directly comparable:")
         for key, values in diffs.items():
             lines.append(f"  {key}: " + " | ".join(f"{n}={v}" for (n, _, _), v in zip(runs, values)))
+        if "n_clusters" in diffs and any(free):
+            lines.append("  (across K, compare the chance-corrected stability rows: the raw ones fall as K grows)")
     else:
         lines.append("protocols agree on: " + ", ".join(PROTOCOL_KEYS))
     text = "\n".join(lines)

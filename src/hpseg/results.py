@@ -38,6 +38,7 @@ from hpseg.io import atomic_write_text, finite
 
 __all__ = [
     "AGREEMENT_FIGURES",
+    "CORRECTED_FIGURES",
     "FORMAT",
     "LABEL_FREE_FIGURES",
     "HeadScore",
@@ -323,6 +324,14 @@ LABEL_FREE_FIGURES = (
      "everything; not a goal in itself, but far below k-means' value signals clusters collapsing"),
     ("empty_clusters", "empty clusters",
      "clusters that no pixel of these images takes; lower is better (more than 0: fewer segments than K)"),
+)
+#: chance-corrected forms (comparable across K): (key, title, meaning)
+CORRECTED_FIGURES = (
+    ("flip_stability_corrected", "flip stability, chance-corrected",
+     "100 · (S − S₀) / (100 − S₀), S₀ the flip stability of a random segmentation with the same cluster sizes "
+     "at that K: 0 = chance, 100 = perfectly stable; comparable across K"),
+    ("photometric_stability_corrected", "photometric stability, chance-corrected",
+     "the same for photometric stability"),
 )
 #: the agreement of two methods: (key, title, meaning)
 AGREEMENT_FIGURES = (
