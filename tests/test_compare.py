@@ -73,7 +73,7 @@ def _unlabelled(folder, backbone="dino_vits8", weights="pretrained", flip=61.5):
                 "backbone": backbone, "backbone_weights": weights}
     doc = {"protocol": protocol, "label_free": {
         "methods": {"HP": {"flip_stability": flip, "photometric_stability": 70.0, "boundary_edge_precision": 40.0,
-                           "intervals": {"flip_stability": [flip - 5, flip + 4]}},
+                           "flip_stability_corrected": flip / 2, "intervals": {"flip_stability": [flip - 5, flip + 4]}},
                     "k-means": {"flip_stability": 66.0, "photometric_stability": 80.0, "boundary_edge_precision": 50.0}},
         "n_images": 9, "verdict": {"overall": f"No clear difference between HP and k-means ({flip})."}}}
     (folder / "results.json").write_text(json.dumps(doc))
@@ -101,6 +101,8 @@ def test_unlabelled_runs_chart_their_label_free_figures_not_empty_accuracy(tmp_p
     text = compare_runs([tmp_path / "a", tmp_path / "b"], out=tmp_path / "cmp")
     assert "verdict a: No clear difference between HP and k-means (61.5)." in text
     assert "acc" not in text.split()  # no accuracy rows
+    corrected = next(line for line in text.splitlines() if line.startswith("HP flip stability, chance-corrected"))
+    assert corrected.split()[-2:] == ["30.8", "24"]
     (fig,) = drawn
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["flip stability %", "photometric stability %", "boundaries on image edges %"]
