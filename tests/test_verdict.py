@@ -173,3 +173,30 @@ def test_report_lists_the_held_out_images_when_the_run_folder_does(tmp_path) -> 
     (run / "held_out.txt").write_text("beach/p1.jpg\np7.jpg\n")
     page = write_report(run / "eval").read_text()
     assert "the 2 held-out images (never trained on" in page and "<code>beach/p1.jpg</code>" in page
+
+
+def test_hp_alone_points_to_the_baseline_for_a_verdict() -> None:
+    alone = label_free_evaluation({"HP": (_position, 2)}, _scenes(6), CPU)
+    assert "verdict" not in alone.figures and "--baseline" in format_label_free(alone.figures)
+    kmeans_only = label_free_evaluation({"k-means": (_position, 2)}, _scenes(6), CPU)
+    assert "--baseline" not in format_label_free(kmeans_only.figures)
+
+
+def test_the_verdict_renders_in_headless_chromium(tmp_path) -> None:  # noqa: ANN001
+    from hpseg.report import write_report
+    from hpseg.results import Protocol, Results
+    from test_report import _chromium, _run_chromium
+
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Chromium not found: install Debian's chromium package: apt-get install chromium")
+    out = label_free_evaluation({"HP": (_threshold_per_image("a"), 2), "k-means": (_position, 2)}, _scenes(8), CPU)
+    protocol = Protocol(dataset="folder", split="held-out", n_images=8, eval_resolution=16, crf=False, n_clusters=2,
+                        n_classes=2, matching="none", backbone="dino_custom", labelled=False)
+    Results(protocol, ["a", "b"], label_free=out.figures).write(tmp_path / "results.json")
+    page = write_report(tmp_path)
+    dom = _run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    overall = out.figures["verdict"]["overall"]
+    assert dom.stdout.count(overall) == 2  # at the top of the page and in its section
+    assert dom.stdout.count("95 % interval") >= 4 and '<ul class="verdict">' in dom.stdout

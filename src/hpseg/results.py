@@ -368,6 +368,8 @@ def format_label_free(label_free: dict[str, Any]) -> str:
         a, b = (pair.get("methods") or ["?", "?"])[:2]
         lines.append(f"{a} vs {b}: " + " · ".join(f"{title} {pair[key]:.3f}" for key, title, _ in AGREEMENT_FIGURES
                                                    if isinstance(pair.get(key), (int, float))))
+    if names == ["HP"]:
+        lines.append("(no verdict: `hpseg evaluate RUN --baseline` scores k-means beside HP and says which is better)")
     if verdict:
         lines += ["", f"verdict ({verdict.get('method', 'paired bootstrap over images')}):"]
         lines += [f"  - {row['sentence']}" for row in rows.values() if row.get("sentence")]
