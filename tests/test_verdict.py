@@ -200,3 +200,20 @@ def test_the_verdict_renders_in_headless_chromium(tmp_path) -> None:  # noqa: AN
     overall = out.figures["verdict"]["overall"]
     assert dom.stdout.count(overall) == 2  # at the top of the page and in its section
     assert dom.stdout.count("95 % interval") >= 4 and '<ul class="verdict">' in dom.stdout
+
+
+def test_a_figure_undefined_on_resamples_is_said_so_and_counts_as_unclear() -> None:
+    """Boundaries only in one of eight images: most resamples leave it out, the boundary figure
+    is then undefined, and the overall sentence rests on the other figures."""
+    n = 8
+    inter = np.full((n, 2), 50.0)
+    base = {"flip_inter": inter, "flip_union": np.full((n, 2), 100.0), "flip_chance": inter / 4,
+            "photo_inter": inter, "photo_union": np.full((n, 2), 100.0), "photo_chance": inter / 4,
+            "on_edge": np.zeros(n), "boundary": np.eye(1, n, 0)[0] * 10, "edge": np.full(n, 20.0),
+            "total": np.full(n, 100.0), "pixels": np.full((n, 2), 50.0)}
+    better = {**base, "flip_inter": inter + 20}
+    verdict = compare_methods(better, base, ("A", "B"))
+    edges = verdict["figures"]["boundary_edge_precision"]
+    assert edges["call"] == "undefined" and edges["sentence"].startswith("boundaries on image edges cannot be told")
+    assert verdict["overall"] == ("A is better than B on flip stability; no clear difference on photometric "
+                                  "stability and boundaries on image edges (8 held-out images).")

@@ -107,11 +107,15 @@ def _figure_verdict(key: str, diff: float, interval: tuple[float, float] | None,
     """The verdict of one figure: its difference, interval, call and sentence."""
     title, more, less, digits = _WORDING[key]
     a, b = names
-    if n < MIN_IMAGES or interval is None:
-        why = f"{n} images, at least {MIN_IMAGES} needed" if n < MIN_IMAGES else "undefined on some resamples"
+    shown = f"{a} {values[0]:.{digits}f} vs {b} {values[1]:.{digits}f}"
+    if n < MIN_IMAGES:
         return {"difference": diff, "low": None, "high": None, "call": "too few images",
-                "sentence": f"too few held-out images to tell {title} apart ({a} {values[0]:.{digits}f} vs "
-                            f"{b} {values[1]:.{digits}f}; {why})"}
+                "sentence": f"too few held-out images to tell {title} apart ({shown}; {n} images, at least "
+                            f"{MIN_IMAGES} needed)"}
+    if interval is None:
+        return {"difference": diff, "low": None, "high": None, "call": "undefined",
+                "sentence": f"{title} cannot be told apart: undefined on many resamples of the images, e.g. "
+                            f"without any segment boundary ({shown}; {n} images)"}
     low, high = interval
     detail = (f"({_signed(diff, digits)}, 95 % interval {_signed(low, digits)} … {_signed(high, digits)}, "
               f"{n} images)")
@@ -137,7 +141,8 @@ def compare_methods(counts_a: dict[str, np.ndarray], counts_b: dict[str, np.ndar
         ``{"methods", "n_images", "min_images", "method" (how the intervals were made),
         "figures": {figure: {"difference", "low", "high", "call", "sentence"}}, "overall"}``;
         ``difference`` is ``a − b`` of the pooled figures (points of % for the percentages),
-        ``call`` one of "higher", "lower", "no clear difference", "too few images".
+        ``call`` one of "higher", "lower", "no clear difference", "too few images" (below
+        :data:`MIN_IMAGES`), "undefined" (NaN on more than 5 % of the resamples).
     """
     n = len(counts_a["on_edge"])
     if len(counts_b["on_edge"]) != n:
@@ -166,9 +171,9 @@ def overall_sentence(figures: dict[str, dict[str, Any]], n: int, names: tuple[st
     if n < MIN_IMAGES:
         return (f"Too few held-out images ({n}) to tell {a} from {b}: at least {MIN_IMAGES} are needed "
                 "(add photos, or hold out more with data.holdout).")
-    groups = {call: [_WORDING[key][0] for key, c in calls.items() if c == call]
-              for call in ("higher", "lower", "no clear difference", "too few images")}
-    if not calls or len(groups["no clear difference"]) + len(groups["too few images"]) == len(calls):
+    groups = {call: [_WORDING[key][0] for key, c in calls.items() if c == call] for call in ("higher", "lower")}
+    unclear = [_WORDING[key][0] for key, c in calls.items() if c not in ("higher", "lower")]
+    if not groups["higher"] and not groups["lower"]:
         return f"No clear difference between {a} and {b} on these {n} held-out images."
     parts = []
     if groups["higher"]:
@@ -176,7 +181,6 @@ def overall_sentence(figures: dict[str, dict[str, Any]], n: int, names: tuple[st
     if groups["lower"]:
         parts.append(f"{'worse' if parts else f'{a} is worse than {b}'} on {_join(groups['lower'])}")
     text = ", ".join(parts)
-    unclear = groups["no clear difference"] + groups["too few images"]
     if unclear:
         text += f"; no clear difference on {_join(unclear)}"
     return f"{text} ({n} held-out images)."
