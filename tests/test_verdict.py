@@ -217,3 +217,23 @@ def test_a_figure_undefined_on_resamples_is_said_so_and_counts_as_unclear() -> N
     assert edges["call"] == "undefined" and edges["sentence"].startswith("boundaries on image edges cannot be told")
     assert verdict["overall"] == ("A is better than B on flip stability; no clear difference on photometric "
                                   "stability and boundaries on image edges (8 held-out images).")
+
+
+def test_older_results_without_a_verdict_still_read_and_print(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from hpseg.report import write_report
+    from hpseg.results import Results
+
+    old = {"protocol": {"dataset": "folder", "split": "val", "n_images": 9, "eval_resolution": 32, "crf": False,
+                        "n_clusters": 4, "n_classes": 4, "matching": "none", "backbone": "dino_vits8",
+                        "labelled": False},
+           "label_free": {"methods": {"HP": {"flip_stability": 47.5}, "k-means": {"flip_stability": 66.3}},
+                          "n_images": 9}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    results = Results.read(tmp_path / "results.json")
+    text = results.summary()
+    assert "47.5" in text and "interval" not in text and "overall:" not in text
+    assert "backbone dino_vits8 (?)" in text
+    page = write_report(tmp_path).read_text()
+    assert "47.5" in page and '<p class="verdict">' not in page

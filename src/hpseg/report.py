@@ -7,8 +7,11 @@ default, the images embedded as base64 data URIs, so the file can be moved, mail
 on its own and opened without a server or network. Sections: protocol, metrics per head (and
 the k-means baseline when scored), diagnostics, per-class IoU bars, confusion matrices, the
 cluster gallery (example regions per cluster, with their names), the prediction gallery and the
-training curve. Runs without labels say so and show what can be shown; multi-seed results give
-a per-seed table with mean ± std.
+training curve. Runs without labels say so and show what can be shown — the label-free verdict
+first (its overall sentence under the title, then one sentence per figure with its 95 %
+interval, the figures with HP − k-means, and the held-out images when the run folder lists them
+in ``held_out.txt``); an untrained backbone is flagged at the top. Multi-seed results give a
+per-seed table with mean ± std.
 """
 
 from __future__ import annotations
