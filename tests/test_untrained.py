@@ -55,10 +55,12 @@ def test_untrained_backbone_in_log_results_protocol_and_report(untrained_run, ca
         log = capsys.readouterr().err
         assert "WARNING hpseg.pipeline: the backbone hpseg_demo_vit has RANDOM weights (model.pretrained=false)" in log
         assert "(backbone hpseg_demo_vit, random weights)" in log
-        assert main(["evaluate", "runs/photos"]) == 0
+        assert main(["evaluate", "runs/photos", "--baseline"]) == 0
         out = capsys.readouterr().out
     finally:
         os.chdir(cwd)
+    # the verdict's rule for too few images, end to end (6 photos, one held out)
+    assert "overall: Too few held-out images (1) to tell HP from k-means: at least 6 are needed" in out
     assert "backbone hpseg_demo_vit (RANDOM WEIGHTS (model.pretrained=false: an untrained backbone))" in out
     doc = json.loads((work / "runs" / "photos" / "eval" / "results.json").read_text())
     assert doc["protocol"]["backbone_weights"] == "random"
