@@ -64,3 +64,49 @@ def test_runs_without_labels_compare_by_their_label_free_figures(tmp_path):
     assert any(line.startswith("HP vs k-means agreement, NMI") for line in text.splitlines())
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert doc["label_free"]["k8"]["HP flip stability %"] == 48.25
+
+
+def _unlabelled(folder, backbone="dino_vits8", weights="pretrained", flip=61.5):
+    folder.mkdir(parents=True)
+    protocol = {"dataset": "folder", "split": "held-out 20% of the folder", "n_images": 9, "eval_resolution": 160,
+                "crf": False, "n_clusters": 6, "n_classes": 6, "matching": "none (no labels)", "labelled": False,
+                "backbone": backbone, "backbone_weights": weights}
+    doc = {"protocol": protocol, "label_free": {
+        "methods": {"HP": {"flip_stability": flip, "photometric_stability": 70.0, "boundary_edge_precision": 40.0,
+                           "flip_stability_corrected": flip / 2, "intervals": {"flip_stability": [flip - 5, flip + 4]}},
+                    "k-means": {"flip_stability": 66.0, "photometric_stability": 80.0, "boundary_edge_precision": 50.0}},
+        "n_images": 9, "verdict": {"overall": f"No clear difference between HP and k-means ({flip})."}}}
+    (folder / "results.json").write_text(json.dumps(doc))
+
+
+def test_differing_backbones_and_weights_are_flagged_and_random_weights_noted(tmp_path):
+    _unlabelled(tmp_path / "dino", "dino_vits8", "pretrained")
+    _unlabelled(tmp_path / "random", "dino_vits8", "random")
+    _unlabelled(tmp_path / "demo", "hpseg_demo_vit", "pretrained")
+    text = compare_runs([tmp_path / "dino", tmp_path / "random"])
+    assert "protocols differ" in text and "backbone_weights: dino=pretrained | random=random" in text
+    assert "NOTE: random was evaluated with an untrained backbone" in text
+    text = compare_runs([tmp_path / "dino", tmp_path / "demo"])
+    assert "backbone: dino=dino_vits8 | demo=hpseg_demo_vit" in text and "NOTE" not in text
+    assert "protocols agree" in compare_runs([tmp_path / "dino", tmp_path / "dino"])
+
+
+def test_unlabelled_runs_chart_their_label_free_figures_not_empty_accuracy(tmp_path, monkeypatch):
+    import hpseg.compare as compare
+
+    _unlabelled(tmp_path / "a", flip=61.5)
+    _unlabelled(tmp_path / "b", flip=48.0)
+    drawn = []
+    monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append(fig))
+    text = compare_runs([tmp_path / "a", tmp_path / "b"], out=tmp_path / "cmp")
+    assert "verdict a: No clear difference between HP and k-means (61.5)." in text
+    assert "acc" not in text.split()  # no accuracy rows
+    corrected = next(line for line in text.splitlines() if line.startswith("HP flip stability, chance-corrected"))
+    assert corrected.split()[-2:] == ["30.8", "24"]
+    (fig,) = drawn
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["flip stability %", "photometric stability %", "boundaries on image edges %"]
+    hp_bars = fig.axes[0].patches[:2]  # the first method's bars, one per run
+    assert [bar.get_height() for bar in hp_bars] == [61.5, 48.0]
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert doc["verdicts"]["b"].endswith("(48.0).")

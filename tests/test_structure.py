@@ -52,10 +52,10 @@ def test_only_the_cli_prints() -> None:
 LAYERS = {
     "foundations": ["errors", "io", "config", "schedule", "imaging", "runtime", "distributed"],
     "math and modules": ["hidden_positives", "metrics", "crf", "clustering", "heads", "backbones", "model",
-                         "diagnostics", "label_free"],
+                         "diagnostics", "label_free", "verdict"],
     "data and files": ["data", "checkpoint", "results", "viz"],
     "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
-    "presentation": ["report", "compare"],
+    "presentation": ["report", "compare", "sweep_page"],
     "entry": ["pipeline", "demo", "sweep"],
     "commands": ["cli", "__main__"],
 }

@@ -289,32 +289,35 @@ def kmeans_baseline(
 
 @dataclass
 class LabelFreeOutput:
-    """Label-free figures per method (and their agreement) and the gallery's cluster maps.
+    """Label-free figures per method (and their agreement and verdict) and the gallery's cluster maps.
 
     ``figures``: ``{"methods": {name: {"flip_stability", "photometric_stability",
-    "boundary_edge_precision", "cluster_entropy", "empty_clusters"}}, "boundary_edge_chance",
-    "agreement": {"methods": [a, b], "nmi", "ari"} (two methods), "n_images"}``.
+    "boundary_edge_precision", "cluster_entropy", "empty_clusters", the chance levels and
+    chance-corrected forms of :data:`hpseg.label_free.POOLED_FIGURES`, "intervals": {figure:
+    [low, high]}}}, "boundary_edge_chance", "agreement": {"methods": [a, b], "nmi", "ari"} (two
+    methods), "verdict": :func:`hpseg.verdict.compare_methods` (two methods), "n_images"}``.
     ``gallery``: per image of the first ``n_gallery``, ``{name: (H, W) cluster ids}``; the second
     method's ids are mapped onto the first's (one-to-one by overlap) so that colours correspond.
+    ``counts``: per method, the per-image counts (:meth:`hpseg.label_free.ImageCounts.arrays`).
     """
 
     figures: dict[str, Any]
     gallery: list[dict[str, np.ndarray]] = field(default_factory=list)
+    counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-class _MethodMeters:
-    def __init__(self, k: int) -> None:
-        from hpseg.label_free import BoundaryMeter, StabilityMeter
+def _method_figures(counts: dict[str, np.ndarray], weights: np.ndarray | None) -> dict[str, Any]:
+    """One method's pooled figures (NaN ones left out) and, with bootstrap ``weights``, intervals."""
+    from hpseg.label_free import pooled_figures
+    from hpseg.verdict import figure_intervals
 
-        self.flip, self.photo, self.boundary = StabilityMeter(k), StabilityMeter(k), BoundaryMeter()
-        self.pixels = torch.zeros(k, dtype=torch.long)
-
-    def result(self) -> dict[str, Any]:
-        from hpseg.diagnostics import cluster_usage
-
-        figures: dict[str, Any] = {"flip_stability": self.flip.result(), "photometric_stability": self.photo.result(),
-                                   "boundary_edge_precision": self.boundary.result()[0], **cluster_usage(self.pixels)}
-        return {k: v for k, v in figures.items() if v is not None}
+    figures: dict[str, Any] = {}
+    for key, value in pooled_figures(counts).items():
+        if key != "boundary_edge_chance" and np.isfinite(value[0]):
+            figures[key] = int(value[0]) if key == "empty_clusters" else float(value[0])
+    if weights is not None:
+        figures["intervals"] = figure_intervals(counts, weights)
+    return figures
 
 
 @torch.no_grad()
@@ -323,11 +326,14 @@ def label_free_evaluation(predictors: dict[str, tuple[Predictor, int]], loader: 
     """The label-free figures (:mod:`hpseg.label_free`) of each method ``name → (predictor, K)``
     on ``loader``'s images (held-out images, so that nothing was fitted on them): stability under
     a horizontal flip and under :func:`~hpseg.label_free.photometric_change`, the share of segment
-    boundaries on strong image edges, cluster balance, and the agreement of the first two methods."""
-    from hpseg.label_free import AgreementMeter, edge_map, match_clusters, photometric_change
+    boundaries on strong image edges, cluster balance, each with per-image counts; with two
+    methods their agreement and the verdict of the first against the second
+    (:func:`hpseg.verdict.compare_methods`, a paired bootstrap over images)."""
+    from hpseg.label_free import AgreementMeter, ImageCounts, edge_map, match_clusters, photometric_change
+    from hpseg.verdict import MIN_IMAGES, bootstrap_weights, compare_methods
 
     names = list(predictors)
-    meters = {n: _MethodMeters(k) for n, (_, k) in predictors.items()}
+    meters = {n: ImageCounts(k) for n, (_, k) in predictors.items()}
     agreement = AgreementMeter(predictors[names[0]][1], predictors[names[1]][1]) if len(names) > 1 else None
     gallery: list[dict[str, np.ndarray]] = []
     n_images = 0
@@ -341,11 +347,7 @@ def label_free_evaluation(predictors: dict[str, tuple[Predictor, int]], loader: 
                 pred = predict(images, size)
                 flipped = predict(images.flip(-1), size).flip(-1)
                 changed = predict(photometric_change(images), size)
-            m = meters[name]
-            m.flip.update(pred, flipped)
-            m.photo.update(pred, changed)
-            m.boundary.update(pred, edges)
-            m.pixels += torch.bincount(pred.flatten().cpu(), minlength=len(m.pixels))
+            meters[name].update(pred, flipped, changed, edges)
             preds[name] = pred
         if agreement is not None:
             agreement.update(preds[names[0]], preds[names[1]])
@@ -356,16 +358,19 @@ def label_free_evaluation(predictors: dict[str, tuple[Predictor, int]], loader: 
         from hpseg.errors import HPSegError
 
         raise HPSegError("the evaluation set is empty: check data.val_split, data.holdout and data.max_val_images")
-    figures: dict[str, Any] = {"methods": {n: m.result() for n, m in meters.items()}, "n_images": n_images}
-    chance = meters[names[0]].boundary.result()[1]
-    if chance is not None:
-        figures["boundary_edge_chance"] = chance
+    counts = {n: m.arrays() for n, m in meters.items()}
+    weights = bootstrap_weights(n_images) if n_images >= MIN_IMAGES else None
+    figures: dict[str, Any] = {"methods": {n: _method_figures(c, weights) for n, c in counts.items()},
+                               "n_images": n_images}
+    chance = float(np.sum(counts[names[0]]["edge"]) / max(1.0, float(np.sum(counts[names[0]]["total"]))) * 100)
+    figures["boundary_edge_chance"] = chance
     if agreement is not None:
         figures["agreement"] = {"methods": names[:2], **agreement.result()}
+        figures["verdict"] = compare_methods(counts[names[0]], counts[names[1]], (names[0], names[1]))
         mapping = match_clusters(agreement.contingency())
         for row in gallery:
             row[names[1]] = mapping[row[names[1]]]
-    return LabelFreeOutput(figures, gallery)
+    return LabelFreeOutput(figures, gallery, counts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -387,9 +392,10 @@ def write_results(out_dir: Path, results: Results, output: EvalOutput) -> Path:
     if output.gallery:
         labelled = output.labelled
         label_names = names if labelled else _cluster_label_names(results)
-        columns = _GALLERY_COLUMNS if labelled else [("image", "image"), ("unsupervised", "HP clusters")]
+        k = results.protocol.n_clusters
+        columns = _GALLERY_COLUMNS if labelled else [("image", "image"), ("unsupervised", f"HP clusters, K={k}")]
         if all("kmeans" in row for row in output.gallery):  # k-means beside HP, in HP's colours
-            columns = [*columns, ("kmeans", "k-means (frozen backbone)")]
+            columns = [*columns, ("kmeans", f"k-means (frozen backbone), K={k}")]
         save_figure(gallery_figure(output.gallery, columns, label_names), out_dir / "predictions.png", dpi=100)
         results.gallery = []
         for i, row in enumerate(output.gallery):

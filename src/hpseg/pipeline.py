@@ -49,13 +49,14 @@ from hpseg.evaluate import (
 )
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
-from hpseg.results import Protocol, Results, aggregate_seeds
+from hpseg.results import RANDOM_WEIGHTS, Protocol, Results, aggregate_seeds
 from hpseg.runtime import Runtime, make_deterministic, seed_everything
 from hpseg.train import ReferencePools, fit
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "backbone_weights",
     "build_model",
     "build_runtime",
     "build_train_set",
@@ -202,9 +203,19 @@ def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 
+def backbone_weights(cfg: Config) -> str:
+    """:attr:`hpseg.results.Protocol.backbone_weights` of ``cfg``'s backbone: "file NAME",
+    "pretrained" or "random" (``model.pretrained=false``)."""
+    if cfg.model.weights:
+        return f"file {Path(cfg.model.weights).name}"
+    return "pretrained" if cfg.model.pretrained else RANDOM_WEIGHTS
+
+
 def protocol_for(cfg: Config, runtime: Runtime, output: EvalOutput, *, n_clusters: int, n_classes: int,
-                 backbone: str, checkpoint: Path | None, cluster_probe: str = "online") -> Protocol:
-    """The protocol block of an evaluation of ``cfg``'s validation data."""
+                 backbone: str, checkpoint: Path | None, cluster_probe: str = "online",
+                 weights: str | None = None) -> Protocol:
+    """The protocol block of an evaluation of ``cfg``'s validation data (``weights``: the
+    backbone's, default :func:`backbone_weights` of ``cfg``)."""
     matching = (f"{cfg.eval.matching} (cluster probe; unmatched clusters count as errors); linear probe unmatched"
                 if output.labelled else "none (no labels)")
     split = f"held-out {cfg.data.holdout:.0%} of the folder" if _holds_out(cfg) else cfg.data.val_split
@@ -215,7 +226,7 @@ def protocol_for(cfg: Config, runtime: Runtime, output: EvalOutput, *, n_cluster
         backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_sha256=file_sha256(checkpoint) if checkpoint and checkpoint.is_file() else None,
         precision=runtime.precision, cluster_probe=cluster_probe, labelled=output.labelled,
-        device=str(runtime.device),
+        device=str(runtime.device), backbone_weights=weights or backbone_weights(cfg),
     )
 
 
@@ -300,7 +311,11 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
 
         train_set = CachedFeatures.wrap(train_set, model.backbone, out_dir / "feature_cache", runtime.device,
                                         num_workers=cfg.data.num_workers)
-    log.info("training %s → %s", cfg.data.dataset, out_dir)
+    log.info("training %s → %s (backbone %s, %s weights)", cfg.data.dataset, out_dir, cfg.model.backbone,
+             backbone_weights(cfg))
+    if backbone_weights(cfg) == RANDOM_WEIGHTS:
+        log.warning("the backbone %s has RANDOM weights (model.pretrained=false): an untrained backbone; its "
+                    "figures say nothing about the pretrained one", cfg.model.backbone)
     return fit(model, train_set, train=cfg.train, loss=cfg.loss, runtime=runtime, out_dir=out_dir,
                config=cfg.to_dict(), num_workers=cfg.data.num_workers,
                validate=make_validator(cfg, _validation_subset(val_set, cfg.train.valid_images), runtime))
@@ -396,7 +411,8 @@ def evaluate_checkpoint(
                             refit_centroids=refit)
     protocol = protocol_for(cfg, runtime, output, n_clusters=model.n_clusters, n_classes=n_classes,
                             backbone=model.spec.backbone, checkpoint=checkpoint,
-                            cluster_probe="online + refit (k-means on training code)" if refit is not None else "online")
+                            cluster_probe="online + refit (k-means on training code)" if refit is not None else "online",
+                            weights=backbone_weights(config_from_dict(model.config)) if model.config else "pretrained")
     results = Results(protocol, class_names, metrics=output.metrics, diagnostics=cluster_usage(output.cluster_pixels),
                       confusion={h: c.tolist() for h, c in output.confusion.items()},
                       cluster_names=model.cluster_names)

@@ -7,8 +7,11 @@ default, the images embedded as base64 data URIs, so the file can be moved, mail
 on its own and opened without a server or network. Sections: protocol, metrics per head (and
 the k-means baseline when scored), diagnostics, per-class IoU bars, confusion matrices, the
 cluster gallery (example regions per cluster, with their names), the prediction gallery and the
-training curve. Runs without labels say so and show what can be shown; multi-seed results give
-a per-seed table with mean ± std.
+training curve. Runs without labels say so and show what can be shown — the label-free verdict
+first (its overall sentence under the title, then one sentence per figure with its 95 %
+interval, the figures with HP − k-means, and the held-out images when the run folder lists them
+in ``held_out.txt``); an untrained backbone is flagged at the top. Multi-seed results give a
+per-seed table with mean ± std.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from hpseg.io import atomic_write_text
-from hpseg.results import AGREEMENT_FIGURES, LABEL_FREE_FIGURES, HeadScore, Results, find_results
+from hpseg.results import (
+    AGREEMENT_FIGURES,
+    LABEL_FREE_FIGURES,
+    HeadScore,
+    Results,
+    difference_cell,
+    find_results,
+)
 from hpseg.viz import hex_colour, palette
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,7 @@ table.confusion td { width: 22px; height: 18px; padding: 0; font-size: 10px; tex
 table.confusion th { font-size: 10px; padding: 2px 4px; white-space: nowrap; }
 .missing { color: #b00020; font-size: 12px; }
 .note { background: #fff6e0; border: 1px solid #f0d590; padding: 8px 12px; }
+p.verdict { font-size: 15px; margin: 6px 0; } ul.verdict { margin: 4px 0 8px; padding-left: 22px; }
 .clusters img { height: 100px; image-rendering: auto; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 """
@@ -188,23 +199,42 @@ def _diagnostics(diagnostics: dict[str, Any]) -> str:
     return _kv_table(rows)
 
 
+def _verdict(verdict: dict[str, Any]) -> list[str]:
+    """The verdict in words: the overall sentence, one per figure, and how the intervals were made."""
+    if not verdict:
+        return []
+    rows = verdict.get("figures") or {}
+    items = "".join(f"<li>{_e(row['sentence'])}</li>" for row in rows.values() if row.get("sentence"))
+    return [f'<p class="verdict"><strong>{_e(verdict.get("overall", ""))}</strong></p>',
+            f'<ul class="verdict">{items}</ul>',
+            f'<p class="sub">intervals: {_e(verdict.get("method", ""))}; a difference is clear when its interval '
+            f"excludes 0; below {_e(verdict.get('min_images', '?'))} held-out images no verdict is given.</p>"]
+
+
 def _label_free(label_free: dict[str, Any]) -> list[str]:
-    """The label-free verdict: one row per figure, one column per method, and what each means."""
+    """The label-free verdict: in words, then one row per figure, one column per method (and the
+    difference with its interval), and what each means."""
     methods: dict[str, dict[str, Any]] = label_free.get("methods") or {}
     if not methods:
         return []
     names = list(methods)
-    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    verdict: dict[str, Any] = label_free.get("verdict") or {}
+    diffs: dict[str, dict[str, Any]] = verdict.get("figures") or {}
+    diff_head = f"<th>{_e(names[0])} − {_e(names[1])} [95 % interval]</th>" if verdict and len(names) > 1 else ""
+    head = "".join(f"<th>{_e(n)}</th>" for n in names) + diff_head
     rows = []
     for key, title, meaning in LABEL_FREE_FIGURES:
         values = [methods[n].get(key) for n in names]
         if all(v is None for v in values):
             continue
         cells = "".join(f'<td class="num">{_e(_label_free_value(key, v))}</td>' for v in values)
+        if diff_head:
+            cells += f'<td class="num">{_e(difference_cell(key, diffs[key])) if key in diffs else ""}</td>'
         rows.append(f"<tr><td>{_e(title)}</td>{cells}<td class=\"sub\">{_e(meaning)}</td></tr>")
-    parts = ["<h2>Label-free verdict</h2>",
+    parts = ['<h2 id="verdict">Label-free verdict</h2>',
              f'<p class="sub">on {_e(label_free.get("n_images", "?"))} held-out images (never trained on); '
              "figures compare between runs, between values of K and between methods.</p>",
+             *_verdict(verdict),
              f'<table class="labelfree"><tr><th>figure</th>{head}<th>what it means</th></tr>{"".join(rows)}</table>']
     if "boundary_edge_chance" in label_free:
         parts.append(f'<p class="sub">chance level of "boundaries on image edges": '
@@ -250,6 +280,26 @@ def _cluster_gallery(results: Results, images: _Images) -> list[str]:
     ]
 
 
+#: the file listing a folder run's held-out images, in the run folder
+HELD_OUT_FILE = "held_out.txt"
+
+
+def _held_out(results: Results, results_dir: Path) -> list[str]:
+    """The held-out images, when the run folder lists them (``held_out.txt`` beside the
+    evaluation folder, or beside the evaluated checkpoint)."""
+    folders = [results_dir, results_dir.parent]
+    if results.protocol.checkpoint:
+        folders.append(Path(results.protocol.checkpoint).parent)
+    found = next((f / HELD_OUT_FILE for f in folders if (f / HELD_OUT_FILE).is_file()), None)
+    if found is None:
+        return []
+    names = [line for line in found.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    items = "".join(f"<li><code>{_e(n)}</code></li>" for n in names[:500])
+    more = f"<li>… and {len(names) - 500} more (see {_e(found)})</li>" if len(names) > 500 else ""
+    return [f"<details><summary>the {len(names)} held-out images (never trained on; listed in "
+            f"<code>{_e(found)}</code>)</summary><ul>{items}{more}</ul></details>"]
+
+
 def _single_run(results: Results, images: _Images, results_dir: Path) -> list[str]:
     parts: list[str] = []
     names = results.class_names
@@ -260,6 +310,8 @@ def _single_run(results: Results, images: _Images, results_dir: Path) -> list[st
     if rows:
         parts += ["<h2>Metrics</h2>", _metrics_table(rows)]
     parts += _label_free(results.label_free)
+    if results.label_free:
+        parts += _held_out(results, results_dir)
     if results.diagnostics:
         parts += ["<h2>Diagnostics</h2>", _diagnostics(results.diagnostics)]
         if not results.protocol.labelled:
@@ -339,13 +391,21 @@ def render_report(results: Results, results_dir: Path, page_dir: Path, *, embed:
     images = _Images(results_dir, page_dir, embed)
     p = results.protocol
     title = f"hpseg evaluation report — {p.dataset} / {p.split}"
-    sub = [f"backbone {p.backbone}", f"{p.n_images} images", f"{p.eval_resolution} px", f"CRF {'on' if p.crf else 'off'}"]
+    sub = [f"backbone {p.backbone} ({p.weights_text()})", f"{p.n_images} images", f"{p.eval_resolution} px", f"CRF {'on' if p.crf else 'off'}"]
     if results.seeds:
         sub.append(f"{len(results.seeds)} seeds")
     if not p.labelled:
         sub.append("no labels")
     body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub))}</p>',
             "<h2>Protocol</h2>", _kv_table(_protocol_fields(p.to_dict()))]
+    overall = (results.label_free.get("verdict") or {}).get("overall")
+    if overall:  # the answer first; the figures, intervals and protocol follow
+        body.insert(2, f'<p class="verdict">Label-free verdict: <strong>{_e(overall)}</strong> '
+                       '<a href="#verdict">details</a></p>')
+    if p.untrained:
+        body.insert(2, '<p class="note"><strong>Untrained backbone.</strong> The backbone had random weights '
+                       "(<code>model.pretrained=false</code>): these figures say nothing about what HP does "
+                       "with a pretrained backbone.</p>")
     body += _multi_seed(results) if results.seeds else _single_run(results, images, results_dir)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     body.append(f"<footer>generated by hpseg {_e(__version__)} from {_e(source)} on {_e(stamp)}; "

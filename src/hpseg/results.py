@@ -15,8 +15,10 @@ Layout of ``results.json`` (``format: "hpseg-results"``, ``format_version: 1``):
     confusion     {head: (K, C) counts}
     gallery       [{"image": "gallery/0_image.png", "label": …, "unsupervised": …}, …]
     diagnostics   hidden-positive diagnostics and label-free numbers of the evaluated model
-    label_free    label-free figures on held-out images per method ("HP", "k-means") and their
-                  agreement (``hpseg.evaluate.label_free_evaluation``; runs without labels)
+    label_free    label-free figures on held-out images per method ("HP", "k-means"; with their
+                  chance levels, chance-corrected forms and 95 % intervals), their agreement and
+                  the verdict in words with intervals (``verdict``: ``hpseg.verdict``)
+                  (``hpseg.evaluate.label_free_evaluation``; runs without labels)
     cluster_names names given to the clusters (``hpseg name``), when any
     cluster_gallery [{"cluster": k, "name": …, "strip": "clusters/k.png", "pixels": n}, …]
     notes         anything else (e.g. the demo's wall time)
@@ -36,20 +38,25 @@ from hpseg.io import atomic_write_text, finite
 
 __all__ = [
     "AGREEMENT_FIGURES",
+    "CORRECTED_FIGURES",
     "FORMAT",
     "LABEL_FREE_FIGURES",
     "HeadScore",
     "Protocol",
+    "RANDOM_WEIGHTS",
     "Results",
     "aggregate_seeds",
     "find_results",
     "format_iou_table",
+    "difference_cell",
     "format_label_free",
     "format_table",
 ]
 
 FORMAT = "hpseg-results"
 FORMAT_VERSION = 1
+#: :attr:`Protocol.backbone_weights` of an untrained backbone
+RANDOM_WEIGHTS = "random"
 CROP = "resize shorter side to {r}, centre crop {r}x{r}; labels nearest; code upsampled bilinearly to label size"
 
 
@@ -83,6 +90,9 @@ class Protocol:
     python: str = field(default_factory=platform.python_version)
     seeds: list[str] | None = None
     checkpoints: dict[str, str] | None = None
+    #: the backbone's weights: "pretrained" (official or shipped), "file NAME" (``model.weights``),
+    #: "random" (``model.pretrained=false``: an untrained backbone); "" in files older than this field
+    backbone_weights: str = ""
 
     def __post_init__(self) -> None:
         if not self.crop:
@@ -105,6 +115,17 @@ class Protocol:
                    "n_clusters": 0, "n_classes": 0, "matching": "?", "backbone": "?"}
         return cls(**{**missing, **_known(cls, data)})
 
+    @property
+    def untrained(self) -> bool:
+        """Whether the backbone had random weights (``model.pretrained=false``)."""
+        return self.backbone_weights == RANDOM_WEIGHTS
+
+    def weights_text(self) -> str:
+        """The backbone's weights in words (``"?"`` for files that did not record them)."""
+        if self.untrained:
+            return "RANDOM WEIGHTS (model.pretrained=false: an untrained backbone)"
+        return self.backbone_weights or "?"
+
     def describe(self) -> str:
         """Two lines printed above every table."""
         crf = "on" if self.crf else "off"
@@ -115,7 +136,7 @@ class Protocol:
         return "\n".join([
             f"protocol: {self.dataset} / {self.split} ({self.n_images} images) · eval {self.eval_resolution}px "
             f"centre crop · CRF {crf} · {scoring}",
-            f"          backbone {self.backbone} · checkpoint {checkpoint} · {self.precision} · "
+            f"          backbone {self.backbone} ({self.weights_text()}) · checkpoint {checkpoint} · {self.precision} · "
             f"hpseg {self.hpseg_version} · torch {self.torch_version} · {self.device}",
         ])
 
@@ -304,6 +325,14 @@ LABEL_FREE_FIGURES = (
     ("empty_clusters", "empty clusters",
      "clusters that no pixel of these images takes; lower is better (more than 0: fewer segments than K)"),
 )
+#: chance-corrected forms (comparable across K): (key, title, meaning)
+CORRECTED_FIGURES = (
+    ("flip_stability_corrected", "flip stability, chance-corrected",
+     "100 · (S − S₀) / (100 − S₀), S₀ the flip stability of a random segmentation with the same cluster sizes "
+     "at that K: 0 = chance, 100 = perfectly stable; comparable across K"),
+    ("photometric_stability_corrected", "photometric stability, chance-corrected",
+     "the same for photometric stability"),
+)
 #: the agreement of two methods: (key, title, meaning)
 AGREEMENT_FIGURES = (
     ("nmi", "agreement, NMI",
@@ -315,17 +344,23 @@ AGREEMENT_FIGURES = (
 
 
 def format_label_free(label_free: dict[str, Any]) -> str:
-    """The label-free figures as a plain-text table: one row per figure, one column per method."""
+    """The label-free figures as a plain-text table (one row per figure, one column per method,
+    and with two methods the difference with its 95 % interval), then the verdict in words."""
     methods: dict[str, dict[str, Any]] = label_free.get("methods") or {}
     names = list(methods)
+    verdict: dict[str, Any] = label_free.get("verdict") or {}
+    rows: dict[str, dict[str, Any]] = verdict.get("figures") or {}
+    diff_title = f"{names[0]} − {names[1]} [95 % interval]" if verdict and len(names) > 1 else ""
     lines = [f"label-free figures on {label_free.get('n_images', '?')} held-out images (higher is better "
              "unless noted; see the report for what each means)",
-             f"{'figure':<30}" + "".join(f"{n:>14}" for n in names), "-" * (30 + 14 * len(names))]
+             f"{'figure':<30}" + "".join(f"{n:>14}" for n in names) + (f"   {diff_title}" if diff_title else ""),
+             "-" * (30 + 14 * len(names) + (3 + len(diff_title) if diff_title else 0))]
     for key, title, _ in LABEL_FREE_FIGURES:
         cells = [methods[n].get(key) for n in names]
         if all(c is None for c in cells):
             continue
-        lines.append(f"{title:<30}" + "".join(f"{'n/a' if c is None else _figure(key, c):>14}" for c in cells))
+        line = f"{title:<30}" + "".join(f"{'n/a' if c is None else _figure(key, c):>14}" for c in cells)
+        lines.append(line + (f"   {difference_cell(key, rows[key])}" if key in rows else ""))
     if "boundary_edge_chance" in label_free:
         lines.append(f"{'  (chance level of boundaries)':<30}{label_free['boundary_edge_chance']:>14.1f}")
     pair = label_free.get("agreement") or {}
@@ -333,7 +368,25 @@ def format_label_free(label_free: dict[str, Any]) -> str:
         a, b = (pair.get("methods") or ["?", "?"])[:2]
         lines.append(f"{a} vs {b}: " + " · ".join(f"{title} {pair[key]:.3f}" for key, title, _ in AGREEMENT_FIGURES
                                                    if isinstance(pair.get(key), (int, float))))
+    if names == ["HP"]:
+        lines.append("(no verdict: `hpseg evaluate RUN --baseline` scores k-means beside HP and says which is better)")
+    if verdict:
+        lines += ["", f"verdict ({verdict.get('method', 'paired bootstrap over images')}):"]
+        lines += [f"  - {row['sentence']}" for row in rows.values() if row.get("sentence")]
+        lines.append(f"  overall: {verdict.get('overall', '')}")
     return "\n".join(lines)
+
+
+def difference_cell(key: str, row: dict[str, Any]) -> str:
+    """``"+9.1 [+4.0, +14.0]"``: a verdict row's difference and interval (``"+9.1 (too few images)"``
+    without an interval)."""
+    digits = 3 if key == "cluster_entropy" else 1
+    diff = row.get("difference")
+    text = "n/a" if not isinstance(diff, (int, float)) else f"{diff:+.{digits}f}"
+    low, high = row.get("low"), row.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return f"{text} [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return f"{text} ({row.get('call', 'no interval')})"
 
 
 def _figure(key: str, value: Any) -> str:

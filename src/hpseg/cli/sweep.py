@@ -20,7 +20,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     result = sweep_clusters(args.preset, overrides(args), list(args.k))
     print(format_sweep(result))
-    print(f"\nall figures: {result.folder / 'sweep.json'}; each K's report: {result.folder}/k-<K>/eval/report.html")
-    print("choose the K whose gallery shows the segments you want, among those with high stability and few "
-          "empty clusters; then hpseg name " + f"{result.folder}/k-<K> 0=… 1=…")
+    print(f"\none page with the table and every K's gallery: {result.folder / 'sweep.html'}")
+    print(f"all figures: {result.folder / 'sweep.json'}; each K's report: {result.folder}/k-<K>/eval/report.html")
+    chosen = (result.recommendation or {}).get("k")
+    target = f"{result.folder}/k-{chosen}" if chosen else f"{result.folder}/k-<K>"
+    print("check the recommendation against the galleries (do the segments match what you want?); then "
+          f"hpseg name {target} 0=… 1=…")
     return 0
