@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the fused path needs it)")
 #: Small tiles: many programs and tiles on small problems, N never a multiple of them.
-SMALL = fused.FusedTiles(rows=32, cols=32, depth=16, draws=64, warps=4)
+SMALL = fused.FusedTiles(rows=32, cols=32, depth=16, warps=4, grad_rows=32, grad_cols=64, grad_warps=4, draws=64)
 
 
 @pytest.fixture

@@ -48,10 +48,11 @@ result is divided by the same power of two (exact). bf16 and fp32 need no scale.
 cannot check bf16 (``tl.dot`` in bf16 is wrong there, triton-lang/triton#11584): bf16 is refused
 under ``TRITON_INTERPRET=1``.
 
-**Tiles** (:class:`FusedTiles`): on CUDA 64 × 64 anchor × candidate tiles, 64-wide product
-slices, 8 warps — a FlashAttention-like starting point, not yet tuned on a GPU; the interpreter
-uses smaller tiles (its cost is per operation). Pass 2 keeps a ``(BLOCK_M, D)`` float32
-accumulator (``D`` rounded up to a power of two).
+**Tiles** (:class:`FusedTiles`, :data:`GPU_TILES`): on CUDA pass 1 runs 64 × 64 anchor ×
+candidate tiles and pass 2 32 × 32 tiles, 32-wide product slices, 8 warps: the largest found that
+compile for sm_90 without register spills (pass 2 keeps a ``(BLOCK_M, D)`` float32 accumulator,
+``D`` rounded up to a power of two: 64 KB for 32 rows at D = 512). Not yet timed on a GPU; the
+interpreter uses few large tiles (its cost is per operation).
 
 **Row ranges.** :func:`fused_chunk_terms` takes the anchors as a ``slice`` of the candidate rows:
 the whole batch (the default of :mod:`~.loss`: one chunk when the bit masks fit the memory
@@ -86,26 +87,32 @@ _FP16_GRADIENT_TARGET = 2.0**13
 
 @dataclass(frozen=True)
 class FusedTiles:
-    """Tile sizes of the fused kernels.
+    """Tile sizes of the fused kernels (powers of two).
 
     Attributes:
-        rows: anchors (pass 1) / rows (pass 2) per program, a power of two ≥ 16.
-        cols: candidates per tile, a power of two ≥ 32 (whole bit-mask words).
-        depth: feature columns per product slice, a power of two ≥ 16.
-        draws: negatives drawn per program (power of two). warps: Triton warps per program.
+        rows, cols: anchors per program and candidates per tile of pass 1, each ≥ 32 (whole
+            bit-mask words). grad_rows, grad_cols: rows per program and tile width of pass 2, ≥ 32.
+        depth: feature columns per product slice, ≥ 16. draws: negatives drawn per program.
+        warps, grad_warps: Triton warps per program of pass 1 and pass 2.
     """
 
     rows: int = 64
     cols: int = 64
-    depth: int = 64
-    draws: int = 1024
+    depth: int = 32
     warps: int = 8
+    grad_rows: int = 32
+    grad_cols: int = 32
+    grad_warps: int = 8
+    draws: int = 1024
 
 
-#: Tiles on CUDA (not yet tuned on a GPU).
+#: Tiles on CUDA: the largest found that compile for sm_90 with fp16/bf16 operands and D = 512
+#: without register spills (``scripts/check_fused_kernels.py``: pass 1 ≤ 255 registers, ≤ 8 bytes
+#: of stack; pass 2 ≤ 232 registers, none; 64 × 64 pass-2 tiles spill ~1 KB, its (rows, D) float32
+#: accumulator being the limit; fp32 operands spill up to ~350 bytes). Not yet timed on a GPU.
 GPU_TILES = FusedTiles()
-#: Tiles under ``TRITON_INTERPRET=1`` (CPU).
-INTERPRETER_TILES = FusedTiles(rows=64, cols=64, depth=128, draws=4096, warps=4)
+#: Tiles under ``TRITON_INTERPRET=1`` (CPU): few, large tiles (the interpreter's cost is per operation).
+INTERPRETER_TILES = FusedTiles(depth=128, warps=4, grad_rows=64, grad_cols=64, grad_warps=4, draws=4096)
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,8 @@ def fused_chunk_terms(
     t_bits = torch.empty((m, n_words), dtype=torch.int32, device=device) if store_bits and with_t else a_bits
     keep_bits = keep.bits if keep.bits is not None else counts
     blocks = dict(BLOCK_M=tiles.rows, BLOCK_N=tiles.cols, BLOCK_K=tiles.depth, num_warps=tiles.warps)
+    grad_blocks = dict(BLOCK_M=tiles.grad_rows, BLOCK_N=tiles.grad_cols, BLOCK_K=tiles.depth,
+                       num_warps=tiles.grad_warps)
     with _on(device):
         kernels.rows_kernel[(-(-m // tiles.rows),)](
             f_op, s_op, z, h, r_ag, r_sp, keep_bits, a_bits, t_bits, counts, sums, lse, n, rows.start, rows.stop,
@@ -326,10 +335,10 @@ def fused_chunk_terms(
                 continue
             out = torch.empty((n, d), dtype=torch.float32, device=device)
             with _on(device):
-                kernels.gradient_kernel[(-(-n // tiles.rows),)](
+                kernels.gradient_kernel[(-(-n // tiles.grad_rows),)](
                     e, out, c, weight_sum, lse[branch], a_bits, t_bits, keep_bits, n, rows.start, rows.stop, d,
                     n_words, float(lam), float(tau), WITH_T=with_t, KEEP_MODE=keep.mode,
-                    BLOCK_D=max(16, 1 << (d - 1).bit_length()), **blocks,
+                    BLOCK_D=max(16, 1 << (d - 1).bit_length()), **grad_blocks,
                 )
             grads[branch] = out if dtype != torch.float16 else out / scale
     return total, stats, grads

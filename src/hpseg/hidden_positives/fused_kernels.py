@@ -45,7 +45,7 @@ def _gap_steps(key, image, k, ok, table_ptr, table_len, log_q, longest):
     u = _uniform53(key, image, k)
     x = (u + 1).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
     est_f = tl.floor(tl.log(x) / log_q)
-    est = tl.minimum(tl.maximum(est_f, 0.0), longest.to(tl.float64)).to(tl.int64)
+    est = tl.minimum(tl.minimum(tl.maximum(est_f, 0.0), 4.0e18).to(tl.int64), longest)  # clip(·, 0, longest)
     last = table_len - 1
     g = tl.minimum(est, last - 1)
     above = tl.load(table_ptr + g + 1, mask=ok, other=0)
@@ -102,6 +102,16 @@ def negative_bits_kernel(
 
 
 @triton.jit
+def _dot(a, b, acc):
+    """``acc + a @ b`` with float32 accumulation; float32 operands in full precision (no TF32)."""
+    if a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
 def _products(x_ptr, width, rows, rows_ok, cols, cols_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """``x[rows] @ x[cols]ᵀ`` ``(BLOCK_M, BLOCK_N)`` float32 from operands in ``x``'s dtype (row stride ``width``)."""
@@ -113,7 +123,7 @@ def _products(x_ptr, width, rows, rows_ok, cols, cols_ok, BLOCK_M: tl.constexpr,
         k_ok = ks < width
         a = tl.load(x_ptr + r_off[:, None] + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(x_ptr + c_off[None, :] + ks[:, None], mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = _dot(a, b, acc)
     return acc
 
 
@@ -129,17 +139,26 @@ def _positives(x_ptr, width, r_ptr, r_rows, rows, rows_ok, cols, cols_ok, valid,
 
 
 @triton.jit
-def _bits(bits_ptr, n_words, rows_local, cols, ok):
-    """Bits ``(rows_local, cols)`` of an ``(·, NW)`` bit mask as a bool block (False where not ``ok``)."""
-    words = tl.load(bits_ptr + rows_local.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :], mask=ok, other=0)
-    return ((words >> (cols % 32)[None, :]) & 1) != 0
+def _bits(bits_ptr, n_words, rows_local, rows_ok, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bits of columns ``j0 + [0, BLOCK_N)`` (``j0`` a multiple of 32) of rows ``rows_local`` of an
+    ``(·, NW)`` bit mask, as a ``(BLOCK_M, BLOCK_N)`` bool block (False where not ``rows_ok``): one load
+    per word, expanded in registers."""
+    w_idx = j0 // 32 + tl.arange(0, BLOCK_N // 32)
+    ptrs = bits_ptr + rows_local.to(tl.int64)[:, None] * n_words + w_idx[None, :]
+    words = tl.load(ptrs, mask=rows_ok[:, None] & (w_idx < n_words)[None, :], other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
-def _bits_transposed(bits_ptr, n_words, rows, cols_local, ok):
-    """Bits ``(cols_local, rows)`` of an ``(·, NW)`` bit mask laid out as a ``(rows, cols)`` block."""
-    words = tl.load(bits_ptr + cols_local.to(tl.int64)[None, :] * n_words + (rows // 32)[:, None], mask=ok, other=0)
-    return ((words >> (rows % 32)[:, None]) & 1) != 0
+def _bits_transposed(bits_ptr, n_words, k0, cols_local, cols_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bits of columns ``k0 + [0, BLOCK_M)`` (``k0`` a multiple of 32) of rows ``cols_local`` laid out as a
+    ``(BLOCK_M, BLOCK_N)`` block (entry ``(k, j)`` is bit ``(j, k)``; False where not ``cols_ok``)."""
+    w_idx = k0 // 32 + tl.arange(0, BLOCK_M // 32)
+    ptrs = bits_ptr + cols_local.to(tl.int64)[None, :] * n_words + w_idx[:, None]
+    words = tl.load(ptrs, mask=(w_idx < n_words)[:, None] & cols_ok[None, :], other=0)
+    bits = (words[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
@@ -216,7 +235,7 @@ def rows_kernel(
         if KEEP_MODE == 0:
             den = agnostic
         elif KEEP_MODE == 1:
-            den = (agnostic | _bits(keep_ptr, n_words, local, cols, valid)) & valid
+            den = (agnostic | _bits(keep_ptr, n_words, local, rows_ok, j0, BLOCK_M, BLOCK_N)) & valid
         else:
             den = valid
         count_d += tl.sum(den.to(tl.int32), axis=1)
@@ -291,13 +310,13 @@ def gradient_kernel(
         logit = _products(e_ptr, width_e, rows, rows_ok, cols, cols_ok, BLOCK_M, BLOCK_N, BLOCK_K) / tau
         # rows K as anchors, columns J as candidates
         fwd = rows_anchor[:, None] & cols_ok[None, :]
-        a_kj = _bits(a_bits_ptr, n_words, rows_local, cols, fwd)
+        a_kj = _bits(a_bits_ptr, n_words, rows_local, rows_anchor, j0, BLOCK_M, BLOCK_N)
         t_kj = a_kj
         k_kj = a_kj
         if WITH_T:
-            t_kj = _bits(t_bits_ptr, n_words, rows_local, cols, fwd)
+            t_kj = _bits(t_bits_ptr, n_words, rows_local, rows_anchor, j0, BLOCK_M, BLOCK_N)
         if KEEP_MODE == 1:
-            k_kj = _bits(keep_ptr, n_words, rows_local, cols, fwd)
+            k_kj = _bits(keep_ptr, n_words, rows_local, rows_anchor, j0, BLOCK_M, BLOCK_N)
         g = _coefficients(logit, a_kj, t_kj, k_kj, fwd & not_self, coef_k[:, None], weight_k[:, None],
                           lse_k[:, None], lam, WITH_T, KEEP_MODE)
         # rows J as anchors, rows K as their candidates: the transposed bits
@@ -305,17 +324,18 @@ def gradient_kernel(
         weight_j = tl.load(weight_sum_ptr + cols_local, mask=cols_anchor, other=0.0)
         lse_j = tl.load(lse_ptr + cols_local, mask=cols_anchor, other=0.0)
         bwd = rows_ok[:, None] & cols_anchor[None, :]
-        a_jk = _bits_transposed(a_bits_ptr, n_words, rows, cols_local, bwd)
+        k0 = pid * BLOCK_M
+        a_jk = _bits_transposed(a_bits_ptr, n_words, k0, cols_local, cols_anchor, BLOCK_M, BLOCK_N)
         t_jk = a_jk
         k_jk = a_jk
         if WITH_T:
-            t_jk = _bits_transposed(t_bits_ptr, n_words, rows, cols_local, bwd)
+            t_jk = _bits_transposed(t_bits_ptr, n_words, k0, cols_local, cols_anchor, BLOCK_M, BLOCK_N)
         if KEEP_MODE == 1:
-            k_jk = _bits_transposed(keep_ptr, n_words, rows, cols_local, bwd)
+            k_jk = _bits_transposed(keep_ptr, n_words, k0, cols_local, cols_anchor, BLOCK_M, BLOCK_N)
         g += _coefficients(logit, a_jk, t_jk, k_jk, bwd & not_self, coef_j[None, :], weight_j[None, :],
                            lse_j[None, :], lam, WITH_T, KEEP_MODE)
         e_cols = tl.load(e_ptr + cols.to(tl.int64)[:, None] * width_e + d_cols[None, :],
                          mask=cols_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(e_ptr.dtype.element_ty), e_cols, acc, input_precision="ieee")
+        acc = _dot(g.to(e_ptr.dtype.element_ty), e_cols, acc)
     out = out_ptr + rows.to(tl.int64)[:, None] * width_e + d_cols[None, :]
     tl.store(out, acc, mask=rows_ok[:, None] & d_ok[None, :])
