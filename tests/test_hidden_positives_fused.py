@@ -140,6 +140,18 @@ def test_fused_equals_dense(interpret: None, b: int, s: int, d: int, f: int, rho
 
 
 @needs_triton
+def test_golden_loss_and_gradients(interpret: None, load_golden: Any) -> None:
+    """The authors' recorded loss and gradients (tests/golden/loss_a.pt, N 108, explicit keep)."""
+    g = load_golden("loss_a.pt")
+    (loss, gz, gzl), stats = _run(g, "fused", num_images=g["B"], tau=g["tau"], lam=g["lmbd"], rho=g["rho"],
+                                  negative_keep=g["negative_keep"], reweight=bool(g["reweighting"]))
+    assert stats["path"] == "fused"
+    torch.testing.assert_close(loss, g["loss"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gz, g["grad_z"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gzl, g["grad_z_lhp"], rtol=1e-5, atol=1e-8)
+
+
+@needs_triton
 def test_explicit_keep_small_tiles_and_paper_widths(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "INTERPRETER_TILES", SMALL)  # 32 × 32 tiles, 16-wide slices, N = 75
     inputs = _problem(3, 5, 24, 20, 6, seed=1)
