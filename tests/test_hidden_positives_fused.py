@@ -309,6 +309,34 @@ def test_two_runs_give_identical_bits(interpret: None) -> None:
     assert not torch.equal(other[0], first[0])
 
 
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernels)")
+def test_cuda_fused_equals_dense_and_repeats_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, compiled (not interpreted): fp16 (default), bf16 and fp32 operands against dense,
+    identical masks on exact mask inputs, two runs bit for bit, and a larger drawn-negatives batch."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = {k: v.cuda() for k, v in _exact_problem(6, 7, 64, seed=3).items()}
+    kwargs = dict(num_images=6, lam=0.5, rho=0.1, tau=0.8, step=7)
+    for dtype, rtol, grad_rtol in ((None, 2e-3, 1e-2), (torch.bfloat16, 1e-2, 3e-2), (torch.float32, 1e-5, 1e-5)):
+        got, got_stats = _run(inputs, "fused", matmul_dtype=dtype, **kwargs)
+        want, want_stats = _run(inputs, "dense", matmul_dtype=dtype, **kwargs)
+        _same_stats(got_stats, want_stats)
+        torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=0)
+        for g, w in zip(got[1:], want[1:]):
+            assert float((g - w).norm() / w.norm()) < grad_rtol
+        again, _ = _run(inputs, "fused", matmul_dtype=dtype, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+    large = {k: v.cuda() for k, v in _problem(8, 28, 512, 384, 256, seed=5).items()}  # N 6,272, paper widths
+    kwargs = dict(num_images=8, lam=0.5, rho=0.02, tau=0.8, step=3)
+    got, got_stats = _run(large, "fused", **kwargs)
+    want, want_stats = _run(large, "dense", **kwargs)
+    torch.testing.assert_close(got[0], want[0], rtol=5e-3, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        assert float((g - w).norm() / w.norm()) < 2e-2
+    for key in ("positives_per_anchor", "specific_per_anchor", "kept_anchor_fraction", "denominator_fraction"):
+        assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-3), key
+
+
 # ------------------------------------------------------------------------------------------
 # availability and options
 # ------------------------------------------------------------------------------------------
