@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hpseg.config import build_config
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives import HiddenPositiveLoss, fused, hidden_positive_loss
-from hpseg.hidden_positives.budget import resolve_path
+from hpseg.hidden_positives.budget import chunk_images_for_budget, resolve_path
 from hpseg.hidden_positives.dense import dense_chunk_terms
 from hpseg.hidden_positives.negatives import negative_keep_mask
 from hpseg.hidden_positives.pools import pool_thresholds
@@ -298,6 +298,21 @@ def test_pack_and_unpack_bits_and_keep_modes() -> None:
 
 
 @needs_triton
+def test_value_without_grad_and_a_single_branch_gradient(interpret: None) -> None:
+    """No gradient wanted: pass 1 alone (no bits stored); one branch: pass 2 for that branch only."""
+    inputs = _problem(2, 6, 16, 12, 8, seed=8)
+    kwargs = dict(num_images=2, tau=0.7, lam=0.5, rho=0.3, path="fused", step=4, seed=3)
+    (loss, gz, gzl), _ = _run(inputs, **dict(kwargs))
+    rest = [inputs[k] for k in ("feats", "code_ema", "pool_agnostic", "pool_specific")]
+    with torch.no_grad():
+        value = hidden_positive_loss(inputs["z"], inputs["z_lhp"], *rest, **kwargs)
+    assert torch.equal(value, loss)
+    z_lhp = inputs["z_lhp"].clone().requires_grad_(True)
+    hidden_positive_loss(inputs["z"], z_lhp, *rest, **kwargs).backward()
+    assert z_lhp.grad is not None and torch.equal(z_lhp.grad, gzl)
+
+
+@needs_triton
 def test_two_runs_give_identical_bits(interpret: None) -> None:
     inputs = _problem(3, 5, 16, 12, 8, seed=6)
     kwargs = dict(num_images=3, lam=0.5, rho=0.2, step=11)
@@ -381,3 +396,7 @@ def test_auto_never_picks_fused_and_config_accepts_it() -> None:
             assert resolve_path("auto", rho, None, device) != "fused"
     assert resolve_path("fused", 0.02, None, CPU) == "fused"
     assert build_config("synthetic", ["loss.path=fused"]).loss.path == "fused"
+    # paper scale: the three bit masks (~0.9 GiB) fit the 6 GiB CUDA default in one chunk; 0.25 GiB does not
+    paper = dict(num_images=64, per_image=784, n=50_176)
+    assert chunk_images_for_budget("fused", memory_bytes=6 * 2**30, **paper) == 64
+    assert chunk_images_for_budget("fused", memory_bytes=0.25 * 2**30, **paper) == 18
