@@ -41,10 +41,11 @@ request, fp32 on CPU) with fp32 accumulation (``input_precision="ieee"``: no TF3
 mask similarities are rounded to that dtype before the comparison, as the dense path's product
 returns them, so both paths draw the same masks. The gradient product ``G·e`` takes ``G`` in the
 same dtype: for fp16, ``c`` is multiplied by a **power-of-two scale** chosen per chunk on the
-device (no host read) so that ``max|G_kj + G_jk| ≤ 2^14`` (bounded by ``2·max_i |c_i|·max(1+λ,
-W_i)``); ``G``'s small coefficients (~2e-5 and below) then sit in fp16's normal range instead of
-being flushed, with fp16's 11-bit significand (bf16, which the dense path uses, has 8), and the
-result is divided by the same power of two (exact). bf16 and fp32 need no scale. The interpreter
+device (no host read) so that ``max|G_kj + G_jk|``, bounded by ``2·max_i |c_i|·max(1+λ, W_i)``,
+lies in ``(2^12, 2^13]`` (fp16 holds up to 65,504); ``G``'s small coefficients (~2e-5 and below
+of the largest) then sit in fp16's normal range (≥ 2^-14) instead of being flushed, with fp16's
+11-bit significand (bf16, which the dense path uses, has 8), and the result is divided by the
+same power of two (exact). bf16 and fp32 need no scale. The interpreter
 cannot check bf16 (``tl.dot`` in bf16 is wrong there, triton-lang/triton#11584): bf16 is refused
 under ``TRITON_INTERPRET=1``.
 
