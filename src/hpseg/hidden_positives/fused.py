@@ -151,10 +151,10 @@ def require_fused(device: torch.device, matmul_dtype: torch.dtype | None = None)
             f"hidden_positive_loss: path='fused' is unavailable: {reason}; use loss.path=dense, or install "
             "triton and run on a GPU (tests: set TRITON_INTERPRET=1 to run the kernels on CPU)"
         )
-    if matmul_dtype == torch.bfloat16 and device.type != "cuda" and interpreting():
+    if matmul_dtype == torch.bfloat16 and interpreting():
         raise HPSegError(
             "hidden_positive_loss: path='fused' cannot use bfloat16 products in Triton's interpreter "
-            "(tl.dot is wrong there, triton-lang/triton#11584); use matmul_dtype float16 or float32 on CPU"
+            "(tl.dot is wrong there, triton-lang/triton#11584); use matmul_dtype float16 or float32 there"
         )
 
 
