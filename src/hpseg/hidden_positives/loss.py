@@ -12,7 +12,7 @@ and nothing is recomputed. Anchors that are dropped (no task-agnostic positive) 
 logarithm, so neither values nor gradients can become NaN, even with ``rho = 0`` or an image
 without any kept anchor (that image contributes 0).
 
-Two paths evaluate the same sums (:data:`PATHS`):
+Three paths evaluate the same sums (:data:`PATHS`):
 
 * ``"dense"`` — per chunk, ``(M, N)`` boolean masks (:func:`~.masks.positive_masks`) and dense
   logits, softmax and gradient products (:func:`~.dense.dense_contrastive_chunk`): eight ``(M × N)``
