@@ -8,6 +8,8 @@ one-line error when the path cannot run. (bf16 ``tl.dot`` is wrong in the interp
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -284,6 +286,14 @@ def test_negative_bits_equal_the_numpy_draw(interpret: None, rows: slice, per_im
     assert torch.equal(fused.unpack_bits(keep.bits, n), want)
     assert int(truncated) == int(want_truncated) == 0
     assert not fused.unpack_bits(keep.bits, 32 * keep.bits.shape[1])[:, n:].any()  # no bit past column N
+
+
+def test_kernels_use_no_float_atomics() -> None:
+    """Bitwise determinism: the only atomic in the kernels is the integer OR of the negatives' bits."""
+    source = (Path(fused.__file__).parent / "fused_kernels.py").read_text()
+    atomics = set(re.findall(r"tl\.(atomic_\w+)", source))
+    assert atomics == {"atomic_or"}
+    assert source.count("tl.atomic_or(") == 1 and "bits_ptr + word, 1 <<" in source
 
 
 def test_pack_and_unpack_bits_and_keep_modes() -> None:
