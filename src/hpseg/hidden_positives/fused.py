@@ -53,7 +53,10 @@ under ``TRITON_INTERPRET=1``.
 candidate tiles and pass 2 32 × 32 tiles, 32-wide product slices, 8 warps: the largest found that
 compile for sm_90 without register spills (pass 2 keeps a ``(BLOCK_M, D)`` float32 accumulator,
 ``D`` rounded up to a power of two: 64 KB for 32 rows at D = 512). Not yet timed on a GPU; the
-interpreter uses few large tiles (its cost is per operation).
+interpreter uses few large tiles (its cost is per operation). Candidates for GPU tuning: pass 2
+holding its rows' ``e`` (full width) across the loop and loading each tile's ``e_J`` once for both
+products cuts its operand traffic ~3× but spills 80 bytes at 32 × 32 (sm_90); pass 1 computing the
+two mask products once per unordered tile pair would save ~2.3 TFLOP at paper scale.
 
 **Row ranges.** :func:`fused_chunk_terms` takes the anchors as a ``slice`` of the candidate rows:
 the whole batch (the default of :mod:`~.loss`: one chunk when the bit masks fit the memory
