@@ -65,7 +65,7 @@ def test_string_values_are_kept_verbatim():
         ("eval.crf=maybe", "expects true or false"),
         ("train.batch_size", "is not key=value"),
         ("train.batch_size=1", "at least 2"),
-        ("loss.path=fast", "loss.path must be auto, dense or sparse"),
+        ("loss.path=fast", "loss.path must be auto, dense, sparse or fused"),
     ],
 )
 def test_bad_overrides_give_one_line_errors(override, message):

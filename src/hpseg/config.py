@@ -89,7 +89,7 @@ class LossConfig:
     memory_gb: float | None = None  # memory budget of the loss's similarity blocks (None: sized for the device)
     chunk_images: int | None = None  # anchor images per chunk of the loss; None: from memory_gb
     compile: bool = False  # torch.compile the dense path's chunk (fused kernels; for GPUs, see RESULTS.md)
-    path: str = "auto"  # how the loss is evaluated: auto, dense or sparse (same values; speed only)
+    path: str = "auto"  # how the loss is evaluated: auto, dense, sparse or fused (same values; speed only)
 
 
 @dataclass
@@ -341,7 +341,8 @@ def validate(cfg: Config) -> None:
         (lo.renew_interval >= 1, "loss.renew_interval must be at least 1"),
         (lo.chunk_images is None or lo.chunk_images >= 1, "loss.chunk_images must be at least 1"),
         (lo.memory_gb is None or lo.memory_gb > 0, "loss.memory_gb must be positive"),
-        (lo.path in ("auto", "dense", "sparse"), f"loss.path must be auto, dense or sparse, got {lo.path!r}"),
+        (lo.path in ("auto", "dense", "sparse", "fused"),
+         f"loss.path must be auto, dense, sparse or fused, got {lo.path!r}"),
         (m.dim >= 1, "model.dim must be at least 1"),
         (m.n_clusters is None or m.n_clusters >= 1, "model.n_clusters must be at least 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must lie in [0, 1)"),

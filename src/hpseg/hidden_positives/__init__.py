@@ -11,6 +11,8 @@ ordered image by image, row-major inside an image), ``F`` backbone width, ``D`` 
 * :mod:`~hpseg.hidden_positives.budget` — per batch: memory budget, anchor chunk, dense or sparse path;
 * :mod:`~hpseg.hidden_positives.dense` — the dense path: ``(M, N)`` masks, logits and products;
 * :mod:`~hpseg.hidden_positives.sparse` — the sparse path: kept pairs and sampled products;
+* :mod:`~hpseg.hidden_positives.fused` — the fused path: two tiled Triton passes, no ``(M, N)`` block
+  (kernels in :mod:`~hpseg.hidden_positives.fused_kernels`, imported only when used);
 * :mod:`~hpseg.hidden_positives.negatives` — the kept negatives, a counter-based Bernoulli(ρ) draw
   (a pure function of seed, step and pair) as index sets or as a mask;
 * :mod:`~hpseg.hidden_positives.inputs` — validation of the loss's inputs;

@@ -1,4 +1,4 @@
-"""How the HP loss is evaluated on a batch: memory budget, anchor chunk and path (dense or sparse).
+"""How the HP loss is evaluated on a batch: memory budget, anchor chunk and path (dense, sparse or fused).
 
 The loss processes its ``N`` anchors in chunks of whole images (:mod:`~.loss`). This module
 decides, for one batch, which path evaluates the chunks (:data:`PATHS`, see
@@ -24,7 +24,7 @@ from hpseg.hidden_positives.sparse import BYTES_PER_PAIR
 log = logging.getLogger(__name__)
 
 #: Loss evaluation paths (see :mod:`~hpseg.hidden_positives.loss`).
-PATHS = ("auto", "dense", "sparse")
+PATHS = ("auto", "dense", "sparse", "fused")
 #: Default memory budget of the loss's working set on CPU, GiB.
 DEFAULT_CPU_MEMORY_GB = 1.0
 #: Default memory budget of the loss on a GPU, GiB (at most :data:`DEFAULT_CUDA_MEMORY_FRACTION` of it).
@@ -37,6 +37,8 @@ SPARSE_MAX_KEEP_DENSITY = 0.1
 SPARSE_MAX_PAIR_DENSITY = 0.15
 #: Bytes held per ``(anchor, candidate)`` entry of a chunk by the dense path (masks, logits, products).
 DENSE_BYTES_PER_ENTRY = 20
+#: Bytes held per entry of a chunk by the fused path: the A, T and keep bit masks (:mod:`~.fused`).
+FUSED_BYTES_PER_ENTRY = 3 / 8
 #: Bytes held per entry of a chunk by the sparse path besides its pairs (the one-byte tag map).
 SPARSE_BYTES_PER_ENTRY = 1
 #: Anchor rows per tile of the sparse path's mask products (bounded by the budget too).
@@ -73,13 +75,16 @@ def chunk_images_for_budget(
 
     A chunk of ``M = images·S²`` anchors holds, on the dense path, about
     ``M·N·DENSE_BYTES_PER_ENTRY`` bytes (masks, logits, gradient products); on the sparse path
-    ``M·N·SPARSE_BYTES_PER_ENTRY + M·pairs_per_row·BYTES_PER_PAIR`` (tag map and kept pairs).
+    ``M·N·SPARSE_BYTES_PER_ENTRY + M·pairs_per_row·BYTES_PER_PAIR`` (tag map and kept pairs); on
+    the fused path ``M·N·FUSED_BYTES_PER_ENTRY`` (its bit masks: one chunk at paper scale).
     ``fixed_bytes`` (pair lists of the whole batch) is taken off the budget first. At least one
     image, at most ``num_images``; when one image does not fit, one image is used (the smallest
     unit: an image's anchors share their reweighting coefficients).
     """
     if path == "dense":
         per_row = float(n * DENSE_BYTES_PER_ENTRY)
+    elif path == "fused":
+        per_row = n * FUSED_BYTES_PER_ENTRY
     else:
         per_row = n * SPARSE_BYTES_PER_ENTRY + pairs_per_row * BYTES_PER_PAIR
     rows = max(0.0, memory_bytes - fixed_bytes) / max(per_row, 1.0)
@@ -87,10 +92,11 @@ def chunk_images_for_budget(
 
 
 def resolve_path(path: str, rho: float, negative_keep: torch.Tensor | None, device: torch.device) -> str:
-    """``"dense"`` or ``"sparse"`` for the option ``path`` before the positives are known.
+    """``"dense"``, ``"sparse"`` or ``"fused"`` for the option ``path`` before the positives are known.
 
     ``"auto"``: sparse on CPU while the kept negatives are sparse (density ≤
-    :data:`SPARSE_MAX_KEEP_DENSITY`), dense elsewhere (CUDA: float16 tensor-core products).
+    :data:`SPARSE_MAX_KEEP_DENSITY`), dense elsewhere (CUDA: float16 tensor-core products). It never
+    picks ``"fused"``: that path is opt-in until a GPU measurement shows it faster than dense.
     """
     if path != "auto":
         return path
@@ -109,7 +115,7 @@ class LossPlan:
     """How one batch is evaluated.
 
     Attributes:
-        path: ``"dense"`` or ``"sparse"``.
+        path: ``"dense"``, ``"sparse"`` or ``"fused"``.
         chunk_images: images per anchor chunk.
         agnostic_keys / specific_keys: on the sparse path, the batch's task-agnostic /
             task-specific positive pairs as sorted keys ``i·N + j`` (``specific_keys`` is None

@@ -8,6 +8,7 @@ import torch
 
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS
+from hpseg.hidden_positives.fused import require_fused
 
 
 def check_loss_inputs(
@@ -84,6 +85,8 @@ def check_loss_inputs(
         )
     if path not in PATHS:
         raise HPSegError(f"hidden_positive_loss: path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "fused":
+        require_fused(z.device)  # triton, and CUDA tensors or TRITON_INTERPRET=1
     if not (tau > 0 and math.isfinite(tau)):
         raise HPSegError(f"hidden_positive_loss: tau must be a positive number, got {tau}")
     if not (lam >= 0 and math.isfinite(lam)):

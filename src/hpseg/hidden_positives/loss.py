@@ -12,7 +12,7 @@ and nothing is recomputed. Anchors that are dropped (no task-agnostic positive) 
 logarithm, so neither values nor gradients can become NaN, even with ``rho = 0`` or an image
 without any kept anchor (that image contributes 0).
 
-Two paths evaluate the same sums (:data:`PATHS`):
+Three paths evaluate the same sums (:data:`PATHS`):
 
 * ``"dense"`` — per chunk, ``(M, N)`` boolean masks (:func:`~.masks.positive_masks`) and dense
   logits, softmax and gradient products (:func:`~.dense.dense_contrastive_chunk`): eight ``(M × N)``
@@ -21,7 +21,11 @@ Two paths evaluate the same sums (:data:`PATHS`):
   the two mask products, over the upper triangle only), the kept negatives drawn as index sets
   (:func:`~.negatives.negative_keys`), then per chunk the logits, log-sum-exps, weighted sums
   and both gradient products on the kept pairs alone (:mod:`~.sparse`). ``w`` and the softmax
-  terms live on ``A ∪ T ∪ keep``, about ``ρ + 2/P`` of the pairs, so that is where the work goes.
+  terms live on ``A ∪ T ∪ keep``, about ``ρ + 2/P`` of the pairs, so that is where the work goes;
+* ``"fused"`` — two tiled Triton passes (:mod:`~.fused`): masks, kept negatives, online
+  log-sum-exps and the gradient in registers, no ``(M, N)`` block in memory, bitwise deterministic.
+  Needs triton and CUDA tensors (or ``TRITON_INTERPRET=1`` on CPU, for tests); opt-in: ``"auto"``
+  does not pick it until a GPU measurement shows it faster than ``"dense"``.
 
 ``"auto"`` picks the sparse path on CPU while the kept negatives are sparse (ρ ≤
 :data:`~.budget.SPARSE_MAX_KEEP_DENSITY`) and falls back to the dense one when the positives turn out not
@@ -48,6 +52,7 @@ from torch.autograd.function import once_differentiable
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
 from hpseg.hidden_positives.dense import anchor_coefficients, compiled_dense_chunk_terms, dense_chunk_terms
+from hpseg.hidden_positives.fused import draw_keep_bits, fused_chunk_terms, keep_bits_from_mask
 from hpseg.hidden_positives.inputs import check_loss_inputs
 from hpseg.hidden_positives.negatives import negative_keep_mask, negative_keys
 from hpseg.hidden_positives.pools import default_matmul_dtype, pool_thresholds
@@ -175,6 +180,25 @@ def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> 
     return total, torch.cat([counts, truncated.to(counts.dtype).view(1)])
 
 
+def _fused_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused path (:mod:`~.fused`): the chunk's contribution to the loss and its counts
+    ``(A, T, kept, |den|, truncated)``; its gradients (all ``N`` rows) are added to the accumulators."""
+    if batch.negative_keep is not None:
+        keep, truncated = keep_bits_from_mask(batch.negative_keep[rows]), batch.f.new_zeros((), dtype=torch.int64)
+    else:
+        keep, truncated = draw_keep_bits(rows, batch.per_image, batch.n, rho=opt.rho, seed=opt.seed, step=opt.step,
+                                         device=batch.f.device)
+    total, counts, grads = fused_chunk_terms(
+        rows, batch.embeddings, batch.f, batch.s, batch.thresholds, keep, images=images, lam=opt.lam, tau=opt.tau,
+        reweight=opt.reweight, dtype=opt.matmul_dtype,
+        need_grad=(batch.grads[0] is not None, batch.grads[1] is not None), grad_scale=batch.scale,
+    )
+    for acc, grad in zip(batch.grads, grads):
+        if acc is not None and grad is not None:
+            acc += grad
+    return total, torch.cat([counts, truncated.to(counts.dtype).view(1)])
+
+
 class _HiddenPositiveLoss(torch.autograd.Function):
     """Chunked HP loss whose gradients are computed alongside the value (see module docstring)."""
 
@@ -214,6 +238,8 @@ class _HiddenPositiveLoss(torch.autograd.Function):
             if plan.path == "sparse":
                 part, part_counts, pairs = _sparse_chunk(batch, plan, rows, images, opt)
                 kept_pairs += pairs
+            elif plan.path == "fused":
+                part, part_counts = _fused_chunk(batch, rows, images, opt)
             else:
                 part, part_counts = _dense_chunk(batch, rows, images, opt)
             total += part
@@ -338,14 +364,15 @@ def hidden_positive_loss(
         chunk_images: images whose anchors are processed together; ``None`` (default) chooses it
             from ``memory_gb``. The result does not depend on it.
         memory_gb: budget of the loss's working set in GiB; ``None``: :func:`default_memory_gb`.
-        path: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (module docstring); the result
-            does not depend on it.
+        path: ``"auto"`` (default), ``"dense"``, ``"sparse"`` or ``"fused"`` (module docstring);
+            the result does not depend on it (up to rounding).
         seed, step: the negatives are a pure function of ``(seed, step, image, anchor,
             candidate)``: pass the run's seed and the training iteration.
         generator: convenience for callers without a step counter: when given, ``seed`` is drawn
             from it (one integer per call), so every call draws fresh negatives.
         matmul_dtype: dtype of the similarity products; default float16 on CUDA (the
-            authors' autocast; dense gradient products then use bfloat16), float32 elsewhere.
+            authors' autocast; dense gradient products then use bfloat16, fused ones float16 with
+            a power-of-two scale), float32 elsewhere.
         compile_chunks: run the dense path's chunks through ``torch.compile`` (fused element-wise
             kernels; :func:`~.dense.compiled_dense_chunk_terms`); same values up to rounding.
 
@@ -401,7 +428,7 @@ class HiddenPositiveLoss(nn.Module):
         memory_gb: budget of the loss's working set in GiB (``None``:
             :func:`~hpseg.hidden_positives.budget.default_memory_gb`); sets the anchor chunk.
         chunk_images: explicit anchor chunk in images; overrides ``memory_gb``.
-        path: ``"auto"``, ``"dense"`` or ``"sparse"`` (see :mod:`~hpseg.hidden_positives.loss`).
+        path: ``"auto"``, ``"dense"``, ``"sparse"`` or ``"fused"`` (see :mod:`~hpseg.hidden_positives.loss`).
         matmul_dtype: dtype of the similarity products (default float16 on CUDA, float32 elsewhere).
         seed: the run's seed of the negatives draw (with the ``step`` of each forward).
         compile_chunks: the dense path's chunks through ``torch.compile`` (see :func:`hidden_positive_loss`).
@@ -415,7 +442,7 @@ class HiddenPositiveLoss(nn.Module):
             ``denominator_fraction`` (mean ``|den(i)| / N``), ``pair_fraction`` (pairs evaluated
             by the sparse path per ``N²``; NaN on the dense path), ``negative_draw_truncated``
             (images whose negatives stream ran out: 0 in practice, :mod:`~.negatives`),
-            ``path`` (``"dense"`` or ``"sparse"``) and ``chunk_images``.
+            ``path`` (``"dense"``, ``"sparse"`` or ``"fused"``) and ``chunk_images``.
     """
 
     def __init__(
