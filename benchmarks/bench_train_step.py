@@ -7,8 +7,8 @@ Usage::
     python benchmarks/bench_train_step.py --scale paper --device cuda --repeats 20 --json out.json
     python benchmarks/bench_train_step.py --scale paper --device cuda --impls hpseg --repeats 0 --profile hpseg
 
-``--profile IMPL[,IMPL]`` also runs, in a child process of its own, two warm-up steps and one
-step under ``torch.profiler`` per implementation, and reports its top 20 kernels by device time
+``--profile IMPL[,IMPL]`` also runs, in a child process of its own, ``--warmup`` steps (at least
+one) and one step under ``torch.profiler`` per implementation, and reports its top 20 kernels by device time
 (CUDA; on CPU the top 20 operators by self CPU time) with their calls and share of the step.
 
 Scales (ViT-S/8 architecture with random weights: nothing is downloaded):
@@ -463,7 +463,7 @@ def _top_kernels(prof: Any, device_kind: str, limit: int = PROFILE_TOP) -> dict[
 
 
 def _profile_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Per implementation of ``--profile``: 2 warm-up steps, then 1 step under ``torch.profiler``."""
+    """Per implementation of ``--profile``: ``--warmup`` steps (at least 1), then 1 step under ``torch.profiler``."""
     from torch.profiler import ProfilerActivity, profile
 
     from hpseg.errors import HPSegError
@@ -476,7 +476,7 @@ def _profile_worker(args: argparse.Namespace) -> dict[str, Any]:
     for name, impl in built.items():
         try:
             impl.check()
-            for _ in range(2):
+            for _ in range(max(1, args.warmup)):  # first calls: allocator, cuBLAS handles, Triton's JIT
                 impl.plain()
             ctx["sync"]()
             with profile(activities=activities) as prof:
