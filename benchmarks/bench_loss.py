@@ -40,7 +40,9 @@ Peak memory: each implementation alone in a child process over one forward + bac
 ``torch.cuda.max_memory_allocated`` minus the inputs; on CPU the peak resident set size
 ``ru_maxrss`` minus the resident size just before the step, with glibc malloc told to unmap
 every freed block of 128 KiB or more (so the figure follows live memory plus allocator overhead,
-not malloc's caching). ``--no-memory`` skips it.
+not malloc's caching). ``--no-memory`` skips it; ``--memory-impls A,B`` measures it for those
+implementations only (a child per implementation costs a process start and, for ``dense-compiled``,
+a second compilation).
 """
 
 from __future__ import annotations
@@ -389,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="time hpseg only")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--memory-impls", default=None, help="peak memory of these implementations only")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check-rho1", action="store_true", help=argparse.SUPPRESS)
@@ -436,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         "results", {i: {"impl": i, "error": timed.get("error")} for i in impls}
     )
     if not args.no_memory:
+        measured = impls if args.memory_impls is None else args.memory_impls.split(",")
         for impl in impls:
-            if "min_s" not in results[impl]:  # failed or skipped
+            if "min_s" not in results[impl] or impl not in measured:  # failed, skipped or not asked for
                 continue
             mem = (
                 _run_child(args, impl, "memory")

@@ -13,6 +13,7 @@ one) and one step under ``torch.profiler`` per implementation, and reports its t
 
 Scales (ViT-S/8 architecture with random weights: nothing is downloaded):
 
+* ``tiny``  — 64 px images (S=8, N=256 patches), batch 4, D=128, P=256 (trying the script);
 * ``cpu``   — 96 px images (S=12, N=1,152 patches), batch 8, D=512, P=2048;
 * ``paper`` — 224 px (S=28, N=50,176), batch 64, D=512, P=2048: the authors' COCO-Stuff step.
 
@@ -73,6 +74,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SCALES: dict[str, dict[str, Any]] = {
+    "tiny": {"backbone": "dino_vits8", "resolution": 64, "batch": 4, "D": 128, "P": 256, "classes": 27},
     "cpu": {"backbone": "dino_vits8", "resolution": 96, "batch": 8, "D": 512, "P": 2048, "classes": 27},
     "paper": {"backbone": "dino_vits8", "resolution": 224, "batch": 64, "D": 512, "P": 2048, "classes": 27},
 }
@@ -566,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
+        "--memory-impls", default=None, help="peak memory of these implementations only (default: all)"
+    )
+    parser.add_argument(
         "--profile", default="", help="also profile one step of these implementations (top kernels; comma-separated)"
     )
     parser.add_argument("--worker", choices=["time", "memory", "profile"], help=argparse.SUPPRESS)
@@ -616,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     for impl in impls:
         results[impl] = dict(timed.get("results", {}).get(impl, {"impl": impl, "error": timed.get("error")}))
         if "error" in results[impl] or "skipped" in results[impl]:
+            continue
+        if args.memory_impls is not None and impl not in args.memory_impls.split(","):
             continue
         memory = _run_child(args, "memory", impl)
         for key in ("peak_mem_mb", "step_mem_mb", "peak_rss_mb", "rss_before_step_mb"):

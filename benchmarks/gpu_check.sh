@@ -7,20 +7,24 @@
 # (a step's limit is cut to what is left of it; a step that finds under 15 s left is skipped):
 #   1. the CUDA-relevant tests (the draw on CUDA equals the CPU's, no host synchronisation in a
 #      step or a pool pass, the fused path when it is there, killed/pre-empted runs resume
-#      bit-exactly, two identical runs and two loss evaluations give identical bits, ...)   110 s
+#      bit-exactly, two identical runs and two loss evaluations give identical bits, ...)   130 s
 #   2. bench_loss.py at paper scale (hpseg dense, dense through torch.compile, fused; the
-#      reference): loss forward + backward time and peak memory                            110 s
+#      reference): loss forward + backward time; peak memory of dense, fused, reference     110 s
 #   3. bench_train_step.py at paper scale (hpseg deterministic and not, fused, cached; the
-#      per-image reference, interleaved in one process): images/s, speed-up, peak memory   130 s
-#   4. the top-20 kernels (device time) of one profiled training step, hpseg and fused      50 s
-#   5. the synthetic preset trained in fp16 and in bf16 (30 s each), hpseg demo (45 s)
+#      per-image reference, interleaved in one process): images/s, speed-up; peak memory of
+#      hpseg, hpseg-fused and the reference                                                 120 s
+#   4. the top-20 kernels (device time) of one profiled training step, hpseg and fused      45 s
+#   5. the synthetic preset trained in fp16 and in bf16 (30 s each), hpseg demo (40 s)
+# (the limits add up to 8 min 25 s: when every step runs to its limit the deadline shortens
+# the demo, the least informative step)
 # and writes at most 8 files into OUT_DIR: 1_env_tests.log, 2_loss.log, 2_loss.json,
 # 3_train_step.log, 3_train_step.json, 4_profile.log, 5_runs.log, summary.txt.
 # The fused path (loss.path=fused) is measured where this checkout and machine have it; elsewhere
 # the benchmarks print why it was skipped (HPSegError, no triton) and go on.
 # Run from the repository root, with hpseg installed (pip install -e ".[dev]") or from a
 # checkout (the script puts src/ on PYTHONPATH). HPSEG_CHECK_DEVICE=cpu runs the same steps on
-# small CPU problems and fewer tests (to try the script itself; its figures are not GPU figures);
+# small CPU problems (bench_train_step --scale tiny), fewer tests and memory children, one
+# synthetic run and the quick demo (to try the script itself; its figures are not GPU figures);
 # HPSEG_CHECK_DEADLINE_S=N sets the deadline to N seconds (default 465).
 set -u
 cd "$(dirname "$0")/.."
@@ -32,16 +36,21 @@ DEVICE=${HPSEG_CHECK_DEVICE:-cuda}
 DEADLINE=$((SECONDS + ${HPSEG_CHECK_DEADLINE_S:-465}))  # 7 min 45 s: each step's limit is cut to fit, plus its 10 s kill grace
 FUSED_TESTS=$(ls tests/test_*fused*.py 2>/dev/null | tr '\n' ' ')
 if [ "$DEVICE" = cuda ]; then
-  SCALE=paper; REPEATS=5; WARMUP=2
-  LOSS_IMPLS=dense,dense-compiled,fused,reference
-  STEP_IMPLS=hpseg,hpseg-fused,hpseg-cached,hpseg-nondet,reference
+  SCALE=paper; STEP_SCALE=paper; REPEATS=5; WARMUP=2
+  LOSS_IMPLS=dense,dense-compiled,fused,reference; LOSS_MEMORY=dense,fused,reference
+  STEP_IMPLS=hpseg,hpseg-fused,hpseg-cached,hpseg-nondet,reference; STEP_MEMORY=hpseg,hpseg-fused,reference
+  PRECISIONS="fp16 bf16"; DEMO_ARGS=""
+  SYN="data.synthetic_train_images=256 data.synthetic_val_images=32 train.epochs=1 train.progress=false"
   TESTS="tests/test_negatives.py tests/test_train.py tests/test_resume.py tests/test_hidden_positives.py
     tests/test_train_step_parity.py tests/test_train_loop_parity.py tests/test_loss_compile.py
     tests/test_reference_pools.py tests/test_gpu_repeat.py $FUSED_TESTS"
-else  # trying the script on CPU: no compiled path (Inductor's C++ build alone takes a minute), fewer runs
-  SCALE=cpu; REPEATS=1; WARMUP=0
-  LOSS_IMPLS=dense,fused,sparse,reference
-  STEP_IMPLS=hpseg,hpseg-fused,reference
+else  # trying the script on CPU: no compiled path (Inductor's C++ build alone takes a minute), smaller
+  # problems, fewer memory children, one precision (fp16/bf16 apply to CUDA only), the quick demo
+  SCALE=cpu; STEP_SCALE=tiny; REPEATS=1; WARMUP=0
+  LOSS_IMPLS=dense,fused,sparse,reference; LOSS_MEMORY=dense
+  STEP_IMPLS=hpseg,hpseg-fused,reference; STEP_MEMORY=hpseg
+  PRECISIONS="fp32"; DEMO_ARGS="--quick"
+  SYN="data.synthetic_train_images=16 data.synthetic_val_images=4 train.epochs=1 train.progress=false"
   TESTS="tests/test_negatives.py tests/test_train_step_parity.py tests/test_loss_compile.py
     tests/test_reference_pools.py tests/test_gpu_repeat.py"
 fi
@@ -83,7 +92,7 @@ head -4 "$OUT_DIR/1_env_tests.log" >> "$SUMMARY"
 if "$PY" -c "import pytest" 2>/dev/null; then
   # -rfEsp: one line per test with its outcome (the summary quotes the bitwise-repeat ones)
   # shellcheck disable=SC2086
-  step "tests (CUDA-relevant)" 110 "$OUT_DIR/1_env_tests.log" \
+  step "tests (CUDA-relevant)" 130 "$OUT_DIR/1_env_tests.log" \
     "$PY" -m pytest -q -rfEsp -p no:cacheprovider $TESTS
 else
   echo "pytest is not installed here: tests skipped (pip install pytest)" | tee -a "$SUMMARY" >> "$OUT_DIR/1_env_tests.log"
@@ -91,26 +100,26 @@ fi
 
 step "bench_loss ($SCALE)" 110 "$OUT_DIR/2_loss.log" \
   "$PY" benchmarks/bench_loss.py --scale "$SCALE" --inputs clustered --device "$DEVICE" \
-  --impls "$LOSS_IMPLS" --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT_DIR/2_loss.json"
+  --impls "$LOSS_IMPLS" --memory-impls "$LOSS_MEMORY" --repeats "$REPEATS" --warmup "$WARMUP" \
+  --json "$OUT_DIR/2_loss.json"
 
-step "bench_train_step ($SCALE)" 130 "$OUT_DIR/3_train_step.log" \
-  "$PY" benchmarks/bench_train_step.py --scale "$SCALE" --device "$DEVICE" --impls "$STEP_IMPLS" \
-  --repeats "$REPEATS" --warmup 1 --json "$OUT_DIR/3_train_step.json"
+step "bench_train_step ($STEP_SCALE)" 120 "$OUT_DIR/3_train_step.log" \
+  "$PY" benchmarks/bench_train_step.py --scale "$STEP_SCALE" --device "$DEVICE" --impls "$STEP_IMPLS" \
+  --memory-impls "$STEP_MEMORY" --repeats "$REPEATS" --warmup 1 --json "$OUT_DIR/3_train_step.json"
 
-step "profile: top-20 kernels ($SCALE)" 50 "$OUT_DIR/4_profile.log" \
-  "$PY" benchmarks/bench_train_step.py --scale "$SCALE" --device "$DEVICE" --repeats 0 --warmup "$WARMUP" \
+step "profile: top-20 kernels ($STEP_SCALE)" 45 "$OUT_DIR/4_profile.log" \
+  "$PY" benchmarks/bench_train_step.py --scale "$STEP_SCALE" --device "$DEVICE" --repeats 0 --warmup "$WARMUP" \
   --profile hpseg,hpseg-fused --json "$WORK/profile.json"
 
-SYN="data.synthetic_train_images=256 data.synthetic_val_images=32 train.epochs=1 train.progress=false"
-[ "$DEVICE" = cuda ] || SYN="data.synthetic_train_images=32 data.synthetic_val_images=8 train.epochs=1 train.progress=false"
-for precision in fp16 bf16; do
+for precision in $PRECISIONS; do
   # shellcheck disable=SC2086
   step "synthetic preset, $precision" 30 "$OUT_DIR/5_runs.log" \
     "$PY" -m hpseg train --preset synthetic $SYN "train.device=$DEVICE" "train.precision=$precision" \
     "train.out_dir=$WORK/synthetic-$precision"
 done
 
-step "hpseg demo" 45 "$OUT_DIR/5_runs.log" "$PY" -m hpseg demo --out "$WORK/demo" "train.device=$DEVICE"
+# shellcheck disable=SC2086
+step "hpseg demo" 40 "$OUT_DIR/5_runs.log" "$PY" -m hpseg demo $DEMO_ARGS --out "$WORK/demo" "train.device=$DEVICE"
 
 # the figures, one line each, from the logs
 {
