@@ -39,7 +39,7 @@ if [ "$DEVICE" = cuda ]; then
   SCALE=paper; STEP_SCALE=paper; REPEATS=5; WARMUP=2
   LOSS_IMPLS=dense,dense-compiled,fused,reference; LOSS_MEMORY=dense,fused,reference
   STEP_IMPLS=hpseg,hpseg-fused,hpseg-cached,hpseg-nondet,reference; STEP_MEMORY=hpseg,hpseg-fused,reference
-  PRECISIONS="fp16 bf16"; DEMO_ARGS=""
+  PRECISIONS="fp16 bf16"; DEMO_ARGS=""; DEMO_LIMIT=40
   SYN="data.synthetic_train_images=256 data.synthetic_val_images=32 train.epochs=1 train.progress=false"
   TESTS="tests/test_negatives.py tests/test_train.py tests/test_resume.py tests/test_hidden_positives.py
     tests/test_train_step_parity.py tests/test_train_loop_parity.py tests/test_loss_compile.py
@@ -49,7 +49,7 @@ else  # trying the script on CPU: no compiled path (Inductor's C++ build alone t
   SCALE=cpu; STEP_SCALE=tiny; REPEATS=1; WARMUP=0
   LOSS_IMPLS=dense,fused,sparse,reference; LOSS_MEMORY=dense
   STEP_IMPLS=hpseg,hpseg-fused,reference; STEP_MEMORY=hpseg
-  PRECISIONS="fp32"; DEMO_ARGS="--quick"
+  PRECISIONS="fp32"; DEMO_ARGS="--quick"; DEMO_LIMIT=150  # the quick demo: ~45 s of CPU time
   SYN="data.synthetic_train_images=16 data.synthetic_val_images=4 train.epochs=1 train.progress=false"
   TESTS="tests/test_negatives.py tests/test_train_step_parity.py tests/test_loss_compile.py
     tests/test_reference_pools.py tests/test_gpu_repeat.py"
@@ -119,7 +119,7 @@ for precision in $PRECISIONS; do
 done
 
 # shellcheck disable=SC2086
-step "hpseg demo" 40 "$OUT_DIR/5_runs.log" "$PY" -m hpseg demo $DEMO_ARGS --out "$WORK/demo" "train.device=$DEVICE"
+step "hpseg demo" "$DEMO_LIMIT" "$OUT_DIR/5_runs.log" "$PY" -m hpseg demo $DEMO_ARGS --out "$WORK/demo" "train.device=$DEVICE"
 
 # the figures, one line each, from the logs
 {

@@ -341,9 +341,6 @@ class ReferencePools:
     ``loader`` yields training batches in a fresh order per call of :meth:`renew_specific`
     (an :class:`~hpseg.data.sampler.EpochSampler` epoch per renewal). In distributed runs every
     rank contributes ``size / world`` images and the gathered pools are identical everywhere.
-    The patch positions come from ``generator``, a host generator saved in ``last.pt``; on CUDA
-    they are drawn into pinned memory and copied without blocking, so a pool pass (a renewal in
-    the middle of training included) never makes the host wait for the device.
     """
 
     def __init__(self, size: int, dropout: float, generator: torch.Generator) -> None:
