@@ -25,7 +25,10 @@ sparse path) are reported.
 Implementations (``--impls``): ``sparse`` = ``hidden_positive_loss(path="sparse")``, ``dense`` =
 ``path="dense"``, ``dense-compiled`` = the dense path with ``compile_chunks=True``
 (``loss.compile=true``: its chunk through ``torch.compile``; meant for GPUs, where Inductor fuses the
-element-wise passes; the first call compiles), ``reference`` = ``reference_loss.reference_hidden_positive_loss``. They are timed
+element-wise passes; the first call compiles), ``fused`` = ``path="fused"`` (``loss.path=fused``: the
+two-pass Triton kernels; skipped, with the reason printed, where the installed hpseg or the machine
+has no such path — it raises ``HPSegError`` — or Triton is missing), ``reference`` =
+``reference_loss.reference_hidden_positive_loss``. They are timed
 in one process, interleaved (A B C, B C A, …) after warm-up runs, so that load from other
 processes affects them alike; min and median of the wall-clock seconds of
 ``loss = f(...); loss.backward()`` (device synchronised on CUDA) are reported. ``hpseg`` draws its
@@ -37,12 +40,15 @@ Peak memory: each implementation alone in a child process over one forward + bac
 ``torch.cuda.max_memory_allocated`` minus the inputs; on CPU the peak resident set size
 ``ru_maxrss`` minus the resident size just before the step, with glibc malloc told to unmap
 every freed block of 128 KiB or more (so the figure follows live memory plus allocator overhead,
-not malloc's caching). ``--no-memory`` skips it.
+not malloc's caching). ``--no-memory`` skips it; ``--memory-impls A,B`` measures it for those
+implementations only (a child per implementation costs a process start and, for ``dense-compiled``,
+a second compilation).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -62,7 +68,9 @@ SCALES = {
     "paper": {"B": 64, "S": 28, "D": 512, "F": 384, "P": 2048},
     "paper16": {"B": 64, "S": 28, "D": 16, "F": 16, "P": 2048},
 }
-IMPLS = ("sparse", "dense", "dense-compiled", "reference")
+IMPLS = ("sparse", "dense", "dense-compiled", "fused", "reference")
+#: hpseg's implementations (``HiddenPositiveLoss`` modules): the others use the reference
+HPSEG_IMPLS = ("sparse", "dense", "dense-compiled", "fused")
 
 
 def _cpu_name() -> str:
@@ -170,6 +178,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(HERE.parent / "src"))
     from reference_loss import reference_hidden_positive_loss
 
+    from hpseg.errors import HPSegError
     from hpseg.hidden_positives import HiddenPositiveLoss
 
     if args.threads:
@@ -179,13 +188,22 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     b = cfg["B"]
     x = make_inputs(args.inputs, cfg, device)
     rest = (x["feats"], x["code_ema"], x["pool_agnostic"], x["pool_specific"])
-    modules = {
-        impl: HiddenPositiveLoss(
-            args.tau, args.rho, path=impl.split("-")[0], memory_gb=args.memory_gb, chunk_images=args.chunk_images,
-            compile_chunks=impl == "dense-compiled",  # torch.compile of the dense chunk (loss.compile=true)
-        )
-        for impl in ("sparse", "dense", "dense-compiled")
-    }
+    impls = [i for i in args.impls.split(",") if i]
+    skipped: dict[str, str] = {}  # implementations this installation or machine does not have
+    if "fused" in impls and importlib.util.find_spec("triton") is None:
+        skipped["fused"] = "triton is not installed (pip install triton)"
+    modules: dict[str, Any] = {}
+    for impl in HPSEG_IMPLS:
+        if impl in skipped:
+            continue
+        try:
+            modules[impl] = HiddenPositiveLoss(
+                args.tau, args.rho, path=impl.split("-")[0], memory_gb=args.memory_gb,
+                chunk_images=args.chunk_images,
+                compile_chunks=impl == "dense-compiled",  # torch.compile of the dense chunk (loss.compile=true)
+            )
+        except HPSegError as exc:  # e.g. a version without loss.path=fused
+            skipped[impl] = str(exc)
 
     def loss_fn(impl: str, z: torch.Tensor, z_lhp: torch.Tensor, rho: float | None = None) -> torch.Tensor:
         if impl == "reference":
@@ -216,9 +234,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             raise FloatingPointError(f"{impl}: non-finite loss or gradient")
         return elapsed, float(loss.detach())
 
-    impls = [i for i in args.impls.split(",") if i]
     out: dict[str, Any] = {"results": {i: {"impl": i} for i in impls}}
-    if args.measure == "memory":  # one implementation, one step, in a process of its own
+    for impl, reason in skipped.items():
+        if impl in impls:
+            out["results"][impl]["skipped"] = reason
+    impls = [i for i in impls if i not in skipped]
+    if args.measure == "memory" and impls:  # one implementation, one step, in a process of its own
         impl = impls[0]
         tiny = {k: v[: 4 * 4] if k in ("z", "z_lhp", "feats", "code_ema") else v for k, v in x.items()}
         HiddenPositiveLoss(args.tau, args.rho)(  # lazy initialisation is not the loss's memory
@@ -243,8 +264,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 r["seconds"], _ = step(impl)
                 r["peak_mem_mb"] = max(0.0, _peak_rss_mb() - rss_before)
                 r["rss_before_mb"] = rss_before
+        except HPSegError as exc:  # the path refuses these inputs or this machine
+            r["skipped"] = str(exc)
         except (RuntimeError, FloatingPointError, MemoryError) as exc:
             r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return out
+    if args.measure == "memory":
         return out
 
     times: dict[str, list[float]] = {i: [] for i in impls}
@@ -258,6 +283,10 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             try:
                 seconds, value = step(impl)
+            except HPSegError as exc:  # the path refuses these inputs or this machine (fused without CUDA)
+                out["results"][impl]["skipped"] = str(exc)
+                failed[impl] = ""
+                continue
             except (RuntimeError, FloatingPointError, MemoryError) as exc:  # OOM included
                 failed[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 continue
@@ -268,7 +297,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     for impl in impls:
         r = out["results"][impl]
         if impl in failed:
-            r["error"] = failed[impl]
+            if "skipped" not in r:
+                r["error"] = failed[impl]
             continue
         ts = times[impl]
         r.update(times_s=ts, min_s=min(ts), median_s=statistics.median(ts), mean_s=statistics.fmean(ts))
@@ -361,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="time hpseg only")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--memory-impls", default=None, help="peak memory of these implementations only")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check-rho1", action="store_true", help=argparse.SUPPRESS)
@@ -408,16 +439,17 @@ def main(argv: list[str] | None = None) -> int:
         "results", {i: {"impl": i, "error": timed.get("error")} for i in impls}
     )
     if not args.no_memory:
+        measured = impls if args.memory_impls is None else args.memory_impls.split(",")
         for impl in impls:
-            if "error" in results[impl] and "min_s" not in results[impl]:
+            if "min_s" not in results[impl] or impl not in measured:  # failed, skipped or not asked for
                 continue
             mem = (
                 _run_child(args, impl, "memory")
                 .get("results", {})
                 .get(impl, {"error": "memory child failed"})
             )
-            if "error" in mem:
-                results[impl]["peak_mem_error"] = mem["error"]
+            if "error" in mem or "skipped" in mem:
+                results[impl]["peak_mem_error"] = mem.get("error", mem.get("skipped"))
             else:
                 results[impl]["peak_mem_mb"] = mem["peak_mem_mb"]
                 results[impl].setdefault("single_step_s", mem.get("seconds"))
@@ -426,16 +458,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = {k: r for k, r in results.items() if "median_s" in r}
     if "reference" in ok:
-        for impl in ("sparse", "dense", "dense-compiled"):
+        for impl in HPSEG_IMPLS:
             if impl in ok:
                 report[f"speedup_{impl}_median"] = ok["reference"]["median_s"] / ok[impl]["median_s"]
                 report[f"speedup_{impl}_min"] = ok["reference"]["min_s"] / ok[impl]["min_s"]
-    if "sparse" in ok and "dense" in ok:
-        report["sparse_vs_dense_loss_rel_diff"] = abs(ok["sparse"]["loss"] - ok["dense"]["loss"]) / abs(
-            ok["dense"]["loss"]
-        )
+    for impl in ("sparse", "fused"):  # same negatives as the dense path: the same loss up to rounding
+        if impl in ok and "dense" in ok:
+            report[f"{impl}_vs_dense_loss_rel_diff"] = abs(ok[impl]["loss"] - ok["dense"]["loss"]) / abs(
+                ok["dense"]["loss"]
+            )
     if "reference" in ok and "loss_rho1" in ok["reference"]:
-        for impl in ("sparse", "dense", "dense-compiled"):
+        for impl in HPSEG_IMPLS:
             if impl in ok and "loss_rho1" in ok[impl]:
                 report[f"{impl}_vs_reference_loss_rho1_rel_diff"] = abs(
                     ok[impl]["loss_rho1"] - ok["reference"]["loss_rho1"]
@@ -451,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         f"F={st['F']} P={st['P']} tau={st['tau']} lam={st['lam']} rho={st['rho']} threads={st['threads']}"
     )
     for name, r in results.items():
+        if "skipped" in r:
+            print(f"  {name:14s} SKIPPED {r['skipped']}")
+            continue
         if "median_s" not in r:
             print(f"  {name:14s} ERROR {r.get('error')}")
             continue
@@ -473,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all("median_s" in r for r in results.values()) else 1
+    return 0 if all("median_s" in r or "skipped" in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

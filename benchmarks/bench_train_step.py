@@ -5,9 +5,15 @@ Usage::
 
     python benchmarks/bench_train_step.py                       # CPU-sized problem on the CPU
     python benchmarks/bench_train_step.py --scale paper --device cuda --repeats 20 --json out.json
+    python benchmarks/bench_train_step.py --scale paper --device cuda --impls hpseg --repeats 0 --profile hpseg
+
+``--profile IMPL[,IMPL]`` also runs, in a child process of its own, ``--warmup`` steps (at least
+one) and one step under ``torch.profiler`` per implementation, and reports its top 20 kernels by device time
+(CUDA; on CPU the top 20 operators by self CPU time) with their calls and share of the step.
 
 Scales (ViT-S/8 architecture with random weights: nothing is downloaded):
 
+* ``tiny``  — 64 px images (S=8, N=256 patches), batch 4, D=128, P=256 (trying the script);
 * ``cpu``   — 96 px images (S=12, N=1,152 patches), batch 8, D=512, P=2048;
 * ``paper`` — 224 px (S=28, N=50,176), batch 64, D=512, P=2048: the authors' COCO-Stuff step.
 
@@ -28,6 +34,9 @@ Implementations:
   runs it. Reading the memory-mapped cache from disk is *not* timed (tensors already in memory);
 * ``hpseg-nondet``— ``hpseg`` with ``train.deterministic=false`` (PyTorch's default kernels):
   the difference to ``hpseg`` is what exact reruns and resumes cost;
+* ``hpseg-fused`` — ``hpseg`` with ``loss.path=fused`` (the loss's two-pass Triton kernels);
+  skipped, with the reason printed, where the installed hpseg or the machine has no such path
+  (it raises ``HPSegError``) or Triton is missing;
 * ``reference``   — the same step written plainly, with the per-image loss and per-image
   local propagation of ``benchmarks/reference_loss.py`` (the authors' structure).
 
@@ -51,6 +60,7 @@ reported as such and the others go on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -64,10 +74,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SCALES: dict[str, dict[str, Any]] = {
+    "tiny": {"backbone": "dino_vits8", "resolution": 64, "batch": 4, "D": 128, "P": 256, "classes": 27},
     "cpu": {"backbone": "dino_vits8", "resolution": 96, "batch": 8, "D": 512, "P": 2048, "classes": 27},
     "paper": {"backbone": "dino_vits8", "resolution": 224, "batch": 64, "D": 512, "P": 2048, "classes": 27},
 }
-IMPLS = ("hpseg", "hpseg-cached", "hpseg-nondet", "reference")
+IMPLS = ("hpseg", "hpseg-cached", "hpseg-nondet", "hpseg-fused", "reference")
+#: kernels (operators on CPU) listed per profiled step
+PROFILE_TOP = 20
 HP = {"tau": 0.8, "rho": 0.02, "alpha": 0.05, "sigma": 28.0, "lam": 0.5, "ema_m": 0.99, "dropout": 0.1}
 
 
@@ -100,10 +113,13 @@ def _peak_rss_mb() -> float:
 
 
 class _Impl:
-    """One implementation of the training step, with its own heads and optimisers."""
+    """One implementation of the training step, with its own heads and optimisers: ``step`` (timed,
+    with its backbone part measured apart), ``check`` (the loss at ρ = 1 without dropout) and
+    ``plain`` (exactly one training step and nothing else: what ``--profile`` records)."""
 
-    def __init__(self, name: str, step: Any, check: Any) -> None:
+    def __init__(self, name: str, step: Any, check: Any, plain: Any = None) -> None:
         self.name, self.step, self.check = name, step, check
+        self.plain = step if plain is None else plain
 
 
 def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], dict[str, _Impl]]:
@@ -117,6 +133,7 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
 
     from hpseg.backbones import build_backbone
     from hpseg.config import TrainConfig
+    from hpseg.errors import HPSegError
     from hpseg.hidden_positives import HiddenPositiveLoss, consistency_loss
     from hpseg.model import HPModel
     from hpseg.runtime import Runtime, make_deterministic
@@ -182,8 +199,9 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
 
     def make(name: str) -> _Impl:
         impl = _make(name)
-        flag = name in ("hpseg", "hpseg-cached")
-        return _Impl(name, deterministic(flag, impl.step), deterministic(flag, impl.check))
+        flag = name in ("hpseg", "hpseg-cached", "hpseg-fused")
+        return _Impl(name, deterministic(flag, impl.step), deterministic(flag, impl.check),
+                     deterministic(flag, impl.plain))
 
     def _make(name: str) -> _Impl:
         model = new_model()
@@ -191,7 +209,8 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
         scaler = runtime.grad_scaler()
 
         def objective(rho: float) -> HPObjective:
-            loss = HiddenPositiveLoss(HP["tau"], rho, matmul_dtype=runtime.matmul_dtype)
+            path = "fused" if name == "hpseg-fused" else "auto"  # HPSegError where there is no fused path
+            loss = HiddenPositiveLoss(HP["tau"], rho, matmul_dtype=runtime.matmul_dtype, path=path)
             return HPObjective(model, loss, alpha=HP["alpha"], sigma=HP["sigma"])
 
         train_objective, check_objective = objective(HP["rho"]), objective(1.0)
@@ -213,6 +232,12 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
             sync()
             total, backbone_part = time.perf_counter() - t1, t1 - t0
             return total, backbone_part, total - backbone_part
+
+        def hpseg_plain() -> None:
+            train_objective.train(True)
+            train_step(train_objective, model, source, pools, HP["lam"], optimizers, scaler, runtime,
+                       ema_m=HP["ema_m"], step=len(steps_done))
+            steps_done.append(1)
 
         def hpseg_check() -> float:
             with torch.no_grad():
@@ -281,9 +306,19 @@ def _setup(args: argparse.Namespace, impls: list[str]) -> tuple[dict[str, Any], 
 
         if name == "reference":
             return _Impl(name, reference_step, reference_check)
-        return _Impl(name, hpseg_step, hpseg_check)
+        return _Impl(name, hpseg_step, hpseg_check, hpseg_plain)
 
-    return {"batch": b, "device": device, "sync": sync}, {name: make(name) for name in impls}
+    built: dict[str, _Impl] = {}
+    skipped: dict[str, str] = {}  # implementations this installation or machine does not have
+    for name in impls:
+        if name == "hpseg-fused" and importlib.util.find_spec("triton") is None:
+            skipped[name] = "triton is not installed (pip install triton)"
+            continue
+        try:
+            built[name] = make(name)
+        except HPSegError as exc:  # e.g. a version without loss.path=fused
+            skipped[name] = str(exc)
+    return {"batch": b, "device": device, "sync": sync, "skipped": skipped}, built
 
 
 def _error(exc: BaseException) -> str:
@@ -295,14 +330,22 @@ def _time_worker(args: argparse.Namespace) -> dict[str, Any]:
     other processes on a shared machine affects each of them alike."""
     import torch
 
+    from hpseg.errors import HPSegError
+
     impls = args.impls.split(",")
     ctx, built = _setup(args, impls)
     results: dict[str, dict[str, Any]] = {name: {"impl": name} for name in impls}
-    live = list(impls)
+    for name, reason in ctx["skipped"].items():
+        results[name]["skipped"] = reason
+    live = [name for name in impls if name in built]
 
     def run(name: str, fn: Any) -> Any:
         try:
             return fn()
+        except HPSegError as exc:  # the path refuses this machine (e.g. fused without CUDA)
+            results[name]["skipped"] = str(exc)
+            live.remove(name)
+            return None
         except (RuntimeError, FloatingPointError, MemoryError) as exc:  # CUDA OOM included
             results[name]["error"] = _error(exc)
             live.remove(name)
@@ -395,6 +438,73 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _top_kernels(prof: Any, device_kind: str, limit: int = PROFILE_TOP) -> dict[str, Any]:
+    """The ``limit`` kernels with the most device time in ``prof`` (aggregated by name; on CPU the
+    operators with the most self CPU time), with calls, milliseconds and share of the total."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        on_host = event.device_type == DeviceType.CPU
+        if device_kind == "cpu":
+            us = event.self_cpu_time_total if on_host else 0.0
+        else:
+            us = 0.0 if on_host else event.time_range.elapsed_us()  # a kernel, copy or memset on the device
+        if us > 0:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += us
+    grand = sum(us for _, us in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:limit]
+    return {
+        "measure": "self CPU time per operator" if device_kind == "cpu" else "device time per kernel",
+        "total_ms": grand / 1e3,
+        "distinct": len(totals),
+        "top": [{"name": name, "calls": int(calls), "ms": us / 1e3, "share": us / grand} for name, (calls, us) in ranked],
+    }
+
+
+def _profile_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Per implementation of ``--profile``: ``--warmup`` steps (at least 1), then 1 step under ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hpseg.errors import HPSegError
+
+    impls = [i for i in args.profile.split(",") if i]
+    ctx, built = _setup(args, impls)
+    device = ctx["device"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out: dict[str, Any] = {name: {"skipped": reason} for name, reason in ctx["skipped"].items()}
+    for name, impl in built.items():
+        try:
+            impl.check()
+            for _ in range(max(1, args.warmup)):  # first calls: allocator, cuBLAS handles, Triton's JIT
+                impl.plain()
+            ctx["sync"]()
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                impl.plain()
+                ctx["sync"]()
+                wall = time.perf_counter() - t0
+            out[name] = {"profiled_step_s": wall, **_top_kernels(prof, device.type)}
+        except HPSegError as exc:
+            out[name] = {"skipped": str(exc)}
+        except (RuntimeError, FloatingPointError, MemoryError) as exc:
+            out[name] = {"error": _error(exc)}
+    return {"profile": out}
+
+
+def _print_profile(profiles: dict[str, Any]) -> None:
+    for name, prof in profiles.items():
+        if "top" not in prof:
+            print(f"  profile {name}: {'SKIPPED ' + prof['skipped'] if 'skipped' in prof else 'ERROR ' + str(prof.get('error'))}")
+            continue
+        print(f"  profile {name}: one step {prof['profiled_step_s'] * 1e3:.1f} ms wall (under the profiler), "
+              f"{prof['total_ms']:.1f} ms {prof['measure']} in {prof['distinct']} distinct; top {len(prof['top'])}:")
+        for k, row in enumerate(prof["top"], 1):
+            print(f"    {k:2d}. {row['ms']:9.2f} ms {row['share']:6.1%} {row['calls']:5d}x  {row['name'][:110]}")
+
+
 # ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
@@ -402,6 +512,8 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_child(args: argparse.Namespace, worker: str, impls: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--impls", impls]
+    if worker == "profile":
+        cmd += ["--profile", impls]
     cmd += ["--scale", args.scale, "--device", args.device]
     cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.threads:
@@ -455,18 +567,27 @@ def main(argv: list[str] | None = None) -> int:
         "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-impls", default=None, help="peak memory of these implementations only (default: all)"
+    )
+    parser.add_argument(
+        "--profile", default="", help="also profile one step of these implementations (top kernels; comma-separated)"
+    )
+    parser.add_argument("--worker", choices=["time", "memory", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker = _time_worker if args.worker == "time" else _memory_worker
+        worker = {"time": _time_worker, "memory": _memory_worker, "profile": _profile_worker}[args.worker]
         print(json.dumps(worker(args)))
         return 0
 
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    unknown = [i for i in impls if i not in IMPLS]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.repeats > 0 else []
+    profiled = [i.strip() for i in args.profile.split(",") if i.strip()]
+    unknown = [i for i in impls + profiled if i not in IMPLS]
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS)}")
+    if not impls and not profiled:
+        parser.error("nothing to do: --repeats 0 times nothing; give --profile IMPL")
     cfg = SCALES[args.scale]
     s = cfg["resolution"] // 8
     settings = {
@@ -495,11 +616,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         ),
     }
-    timed = _run_child(args, "time", ",".join(impls))
+    timed = _run_child(args, "time", ",".join(impls)) if impls else {}
     results: dict[str, dict[str, Any]] = {}
     for impl in impls:
         results[impl] = dict(timed.get("results", {}).get(impl, {"impl": impl, "error": timed.get("error")}))
-        if "error" in results[impl]:
+        if "error" in results[impl] or "skipped" in results[impl]:
+            continue
+        if args.memory_impls is not None and impl not in args.memory_impls.split(","):
             continue
         memory = _run_child(args, "memory", impl)
         for key in ("peak_mem_mb", "step_mem_mb", "peak_rss_mb", "rss_before_step_mb"):
@@ -512,8 +635,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "results": results,
     }
+    if profiled:
+        prof = _run_child(args, "profile", ",".join(profiled))
+        report["profile"] = prof.get("profile", {name: {"error": prof.get("error")} for name in profiled})
     ref = results.get("reference", {})
-    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet"):
+    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet", "hpseg-fused"):
         ours = results.get(impl, {})
         if "median_s" in ours and "median_s" in ref:
             report[f"speedup_{impl}_vs_reference_median"] = ref["median_s"] / ours["median_s"]
@@ -535,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats={st['repeats']} warmup={st['warmup']}"
     )
     for name, r in results.items():
+        if "skipped" in r:
+            print(f"  {name:13s} SKIPPED {r['skipped']}")
+            continue
         if "error" in r:
             print(f"  {name:13s} ERROR {r['error']}")
             continue
@@ -544,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             f"min {r['min_s'] * 1e3:9.1f} ms  step mem {r.get('step_mem_mb', float('nan')):8.1f} MiB  "
             f"check loss {r['check_loss']:.5f}"
         )
-    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet"):
+    for impl in ("hpseg", "hpseg-cached", "hpseg-nondet", "hpseg-fused"):
         key = f"speedup_{impl}_vs_reference_median"
         if key in report:
             print(
@@ -552,11 +681,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"non-backbone part {report[f'speedup_{impl}_vs_reference_rest_median']:.2f}x; "
                 f"check-loss rel. diff {report[f'check_loss_rel_diff_{impl}']:.1e}"
             )
-    print(f"  peak memory: {settings['peak_mem_method']}")
+    if results:
+        print(f"  peak memory: {settings['peak_mem_method']}")
+    _print_profile(report.get("profile", {}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all("error" not in r for r in results.values()) else 1
+    failed = [r for r in [*results.values(), *report.get("profile", {}).values()] if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ negatives is :func:`~hpseg.hidden_positives.negatives.negative_keep_mask`, the s
 :func:`dense_chunk_terms` takes only tensors of the chunk's shape and plain numbers and returns
 its results instead of writing into buffers, so that ``torch.compile`` can turn its element-wise
 passes over the ``(M, N)`` blocks into a few fused kernels (``loss.compile=true``,
-:func:`compiled_dense_chunk_terms`); called as it is, it is the eager reference.
+:func:`compiled_dense_chunk_terms`); called as it is, it is the eager reference. The compiled
+path passes λ as a 0-dim tensor and "with the task-specific term" as a static flag: dynamo guards
+on the value of a Python float, so a float λ, which changes at every iteration after the warm-up,
+would recompile the chunk at every step until dynamo's recompile limit turns compilation off;
+with a tensor λ there is one graph for every λ ≠ 0 and one for λ = 0 (per chunk shape).
 """
 
 from __future__ import annotations
@@ -119,12 +123,13 @@ def dense_chunk_terms(
     keep: torch.Tensor | None,
     *,
     images: int,
-    lam: float,
+    lam: float | torch.Tensor,
     tau: float,
     reweight: bool,
     dtype: torch.dtype,
     need_grad: tuple[bool, bool],
     grad_scale: float,
+    with_specific: bool | None = None,
 ) -> ChunkTerms:
     """One anchor chunk on the dense path: its contribution to the loss, its counts and gradients.
 
@@ -135,21 +140,32 @@ def dense_chunk_terms(
             thresholds ``(r_agnostic, r_specific)`` of the chunk ``(M,)`` and the batch ``(N,)``.
         self_cols: each anchor's own column ``(M,)``. keep: kept negatives ``(M, N)`` bool, or
             ``None`` to keep every candidate.
-        images: images in the chunk. lam: λ. tau: τ. reweight: the authors' ``pnm``.
+        images: images in the chunk. lam: λ, a number (the eager path) or a 0-dim float32
+            tensor on the chunk's device (the compiled path: its value is then no part of the graph).
+        tau: τ. reweight: the authors' ``pnm``.
         dtype: dtype of the similarity products. need_grad: per embedding.
         grad_scale: factor of the gradients (the loss's scale).
+        with_specific: whether the task-specific positives enter (λ ≠ 0); ``None``: ``lam != 0``,
+            for a number only (a tensor λ needs the flag: reading its value would synchronise).
 
     Returns:
         ``(total, counts, grads)``: the sum over both embeddings (0-dim), the float64 counts
         ``(A, T, kept anchors, |den|)`` and per embedding ``(grad_anchors, grad_all)`` or ``None``.
     """
+    if with_specific is None:
+        if isinstance(lam, torch.Tensor):
+            raise ValueError("dense_chunk_terms: a tensor lam needs with_specific (the flag is static)")
+        with_specific = lam != 0.0
     masks = block_masks(f_rows, f, s_rows, s, thresholds_rows, thresholds, self_cols, keep,
-                        with_specific=lam != 0.0, dtype=dtype)
+                        with_specific=with_specific, dtype=dtype)
     weights = masks.agnostic.to(torch.float32)
     count_a = weights.sum(dim=1)
     count_t = torch.zeros_like(count_a)
     if masks.specific is not None:
-        weights.add_(masks.specific, alpha=lam)
+        if isinstance(lam, torch.Tensor):  # w = A + λ·T with the same float32 values as alpha=λ (T is 0 or 1)
+            weights.add_(masks.specific * lam)
+        else:
+            weights.add_(masks.specific, alpha=lam)
         count_t = masks.specific.sum(dim=1).to(torch.float32)
     weight_sum = count_a + lam * count_t
     coef = anchor_coefficients(masks.kept, weight_sum, images, reweight)
@@ -167,9 +183,12 @@ _compiled: dict[str, Callable[..., Any]] = {}
 
 
 def compiled_dense_chunk_terms(backend: str = "inductor") -> Callable[..., ChunkTerms]:
-    """:func:`dense_chunk_terms` through ``torch.compile`` (built once per backend and reused: one
-    graph per chunk shape — the full chunks and the last one). Same values up to the fused
-    kernels' float rounding."""
+    """:func:`dense_chunk_terms` through ``torch.compile`` (built once per backend and reused).
+
+    Call it with ``lam`` a 0-dim float32 tensor and ``with_specific`` given (as
+    :func:`~hpseg.hidden_positives.loss.hidden_positive_loss` does): then it holds one graph per
+    chunk shape (the full chunks and the last one) and per flag, for every λ of a run. Same values
+    as the eager reference up to the fused kernels' float rounding."""
     if backend not in _compiled:
         _compiled[backend] = torch.compile(dense_chunk_terms, backend=backend, dynamic=False)
     return _compiled[backend]

@@ -167,11 +167,14 @@ def _dense_chunk(batch: _Batch, rows: slice, images: int, opt: _LossOptions) -> 
     r_ag, r_sp = batch.thresholds
     z, z_lhp = batch.embeddings
     terms = compiled_dense_chunk_terms() if opt.compile else dense_chunk_terms
+    # compiled: λ as a 0-dim tensor (dynamo guards on a float's value) and a static flag, two graphs a run
+    lam: float | torch.Tensor = torch.full((), opt.lam, dtype=torch.float32, device=z.device) if opt.compile else opt.lam
     total, counts, grads = terms(
         (z[rows], z_lhp[rows]), batch.embeddings, batch.f[rows], batch.f, batch.s[rows], batch.s,
         (r_ag[rows], r_sp[rows]), (r_ag, r_sp), torch.arange(rows.start, rows.stop, device=z.device), keep,
-        images=images, lam=opt.lam, tau=opt.tau, reweight=opt.reweight, dtype=opt.matmul_dtype,
+        images=images, lam=lam, tau=opt.tau, reweight=opt.reweight, dtype=opt.matmul_dtype,
         need_grad=(batch.grads[0] is not None, batch.grads[1] is not None), grad_scale=batch.scale,
+        with_specific=opt.lam != 0.0,
     )
     for acc, grad in zip(batch.grads, grads):
         if acc is not None and grad is not None:

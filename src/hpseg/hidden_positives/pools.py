@@ -33,10 +33,24 @@ def sample_pool_entries(x: torch.Tensor, generator: torch.Generator | None = Non
         )
     b, c = x.shape[:2]
     flat = x.flatten(2)  # (B, C, h·w)
-    gen_device = generator.device if generator is not None else x.device
-    idx = torch.randint(flat.shape[2], (b,), generator=generator, device=gen_device).to(x.device)
+    idx = _patch_positions(flat.shape[2], b, generator, x.device)
     rows = flat[torch.arange(b, device=x.device), :, idx]  # (B, C)
     return F.normalize(rows.float(), dim=1)
+
+
+def _patch_positions(patches: int, count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``count`` positions in ``[0, patches)`` ``(count,)`` int64 on ``device``, drawn from ``generator``.
+
+    A generator on the host with ``device`` a CUDA device (the training pools: one host generator
+    whose state ``last.pt`` saves, the same positions on every device): the positions are drawn
+    straight into pinned memory and copied without blocking — no pageable copy, which would
+    make the host wait for the device at every batch of a pool pass.
+    """
+    gen_device = generator.device if generator is not None else device
+    if gen_device.type == "cpu" and device.type == "cuda":
+        staged = torch.randint(patches, (count,), generator=generator, pin_memory=True)
+        return staged.to(device, non_blocking=True)  # the host allocator keeps the block until the copy is done
+    return torch.randint(patches, (count,), generator=generator, device=gen_device).to(device)
 
 
 #: Alias named in docs/DEVELOPING.md.
