@@ -24,6 +24,13 @@ GOLDEN_DIR = _find_golden()
 # Two cores on CI: keep each test process lean and deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the fused loss's Triton kernels are tested in Triton's interpreter. Triton decides
+# at its first import whether its own library (tl.sum, tl.max, …) is interpreted, and importing
+# hpseg's training modules imports it (through torch._dynamo): the variable must be set now,
+# before any test module is collected. Importing torch and asking for CUDA does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:

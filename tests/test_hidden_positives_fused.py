@@ -33,8 +33,17 @@ SMALL = fused.FusedTiles(rows=32, cols=32, depth=16, warps=4, grad_rows=32, grad
 
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the Triton kernels in the interpreter (read when the kernels are built: fused._kernels)."""
+    """Run the Triton kernels in the interpreter (read when the kernels are built: fused._kernels).
+
+    Triton's own library follows ``TRITON_INTERPRET`` as it was when triton was first imported
+    (``tests/conftest.py`` sets it without a GPU). On a GPU machine it is compiled: there the CUDA
+    tests below check the kernels, and these interpreter tests are skipped.
+    """
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if HAS_TRITON and not fused._library_interpreted():
+        if torch.cuda.is_available():
+            pytest.skip("triton was imported compiled for the GPU: the CUDA tests check the kernels here")
+        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does it)")
 
 
 def _unit(*shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -410,3 +419,13 @@ def test_auto_never_picks_fused_and_config_accepts_it() -> None:
     paper = dict(num_images=64, per_image=784, n=50_176)
     assert chunk_images_for_budget("fused", memory_bytes=6 * 2**30, **paper) == 64
     assert chunk_images_for_budget("fused", memory_bytes=0.25 * 2**30, **paper) == 18
+
+
+@needs_triton
+def test_interpreter_chosen_after_triton_was_imported_is_one_line(interpret: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_library_interpreted", lambda: False)
+    inputs = _problem(2, 3, 8, 8, 4)
+    rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
+    with pytest.raises(HPSegError, match="set after triton had been imported.*before starting Python"):
+        hidden_positive_loss(*rest, num_images=2, tau=0.7, lam=0.5, path="fused")

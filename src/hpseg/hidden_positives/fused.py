@@ -154,11 +154,25 @@ def require_fused(device: torch.device, matmul_dtype: torch.dtype | None = None)
             f"hidden_positive_loss: path='fused' is unavailable: {reason}; use loss.path=dense, or install "
             "triton and run on a GPU (tests: set TRITON_INTERPRET=1 to run the kernels on CPU)"
         )
+    if interpreting() and not _library_interpreted():
+        raise HPSegError(
+            "hidden_positive_loss: path='fused' cannot run in Triton's interpreter here: TRITON_INTERPRET=1 was "
+            "set after triton had been imported, so Triton's own library is compiled for a GPU; set "
+            "TRITON_INTERPRET=1 in the environment before starting Python"
+        )
     if matmul_dtype == torch.bfloat16 and interpreting():
         raise HPSegError(
             "hidden_positive_loss: path='fused' cannot use bfloat16 products in Triton's interpreter "
             "(tl.dot is wrong there, triton-lang/triton#11584); use matmul_dtype float16 or float32 there"
         )
+
+
+def _library_interpreted() -> bool:
+    """Whether Triton's own ``@triton.jit`` library (``tl.sum``, ``tl.max``, …) was built for the
+    interpreter: Triton decides it when it is first imported, from ``TRITON_INTERPRET`` then."""
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
 
 
 def _kernels() -> ModuleType:
