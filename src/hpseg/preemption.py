@@ -125,7 +125,8 @@ class QuietWorkersLoader(DataLoader):
     arguments of ``DataLoader``; a given ``worker_init_fn`` still runs, after the signals are set."""
 
     def __init__(self, *args: Any, worker_init_fn: Callable[[int], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, worker_init_fn=_QuietWorker(worker_init_fn), **kwargs)
+        kwargs["worker_init_fn"] = _QuietWorker(worker_init_fn)
+        super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Any:
         if self.num_workers == 0:
