@@ -300,15 +300,14 @@ class Checkpointer:
         """At a step boundary after a signal (:func:`stop_on_signals`): on the save signal, write
         ``last.pt`` and go on; on a stop, end the loader's workers (``batches``), write
         ``last.pt`` (unless this iteration is saved already) and raise :class:`Stopped`."""
-        if self.saved_at != state.iteration and (stop.requested or stop.save_requested):
-            if stop.requested:
-                close_loader(batches)
+        if stop.requested:
+            close_loader(batches)  # the workers end before the save (a pre-empted job's time is short)
+        if self.saved_at != state.iteration:
             self.save_last(model, optimizers, scaler, pools, state)
             if not stop.requested and self.runtime.is_main:
                 log.info("saved %s at iteration %d (save signal)", self.last_path, state.iteration)
         stop.save_requested = False
         if stop.requested:
-            close_loader(batches)
             raise Stopped(f"{signal_name(stop.signum)}: stopped at iteration {state.iteration}, state saved in "
                           f"{self.last_path}: run the same command to resume", stop.signum)
 
