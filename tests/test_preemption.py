@@ -146,19 +146,22 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     run = tmp_path / "run"
     argv = _argv(run, tiny_backbone_file, "data.num_workers=2")
     child = _python(f"""
-        import os, signal, sys
+        import sys, time
         import hpseg.train as t
         from hpseg.cli import main
         real, n = t.train_step, [0]
         def step(*a, **k):
             out = real(*a, **k)
             n[0] += 1
-            if n[0] == 3:  # the scheduler signals the whole group, workers included
-                os.killpg(os.getpgrp(), signal.SIGTERM)
+            if n[0] == 3:
+                print("in step 3", flush=True)
+                time.sleep(2)  # the rest of the step: the scheduler's signal comes now
             return out
         t.train_step = step
         sys.exit(main({argv!r}))
     """, start_new_session=True)
+    assert child.stdout.readline().strip() == "in step 3"
+    os.killpg(child.pid, signal.SIGTERM)  # the scheduler signals every process of the job, workers included
     _, err = child.communicate(timeout=120)
     assert child.returncode == 143, err
     lines = _error_lines(err)
@@ -433,3 +436,24 @@ def test_stopped_exits_with_the_signal_s_conventional_status(monkeypatch, capsys
         assert main(["train", "--preset", "synthetic"]) == status
         assert capsys.readouterr().err.strip() == "interrupted: SIG: stopped at iteration 3: run the same command " \
                                                   "to resume"
+
+
+def test_a_third_ctrl_c_aborts_unless_a_save_is_under_way(caplog):
+    import hpseg.checkpointing as checkpointing
+
+    ctrl_c = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+    with checkpointing.stop_on_signals("SIGUSR1") as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.save_requested and not stop.requested  # the save signal saves and goes on
+        ctrl_c()
+        ctrl_c()
+        assert stop.requested and stop.signum == signal.SIGINT
+        checkpointing._saves_under_way[0] += 1  # a save under way: nothing cuts it short
+        try:
+            ctrl_c()
+        finally:
+            checkpointing._saves_under_way[0] -= 1
+        with pytest.raises(KeyboardInterrupt, match="aborted without saving"):
+            ctrl_c()  # outside a save, the user insists: stop now
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are put back
+    assert "Ctrl-C 1 more time(s) to abort without saving" in caplog.text
