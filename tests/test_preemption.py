@@ -398,6 +398,24 @@ def test_write_errors_name_the_path_and_the_os_error(tmp_path):
     assert torch.load(tmp_path / "ok.pt", weights_only=True) == {"a": 1}
 
 
+def test_a_log_line_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    from hpseg.checkpointing import Checkpointer
+    from hpseg.runtime import Runtime
+
+    ckpt = Checkpointer(tmp_path, Runtime.create("cpu", "fp32"), {})
+    ckpt.log({"iteration": 0, "loss": 1.0})
+    real_open = Path.open
+
+    def full(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(HPSegError, match=rf"cannot write {re.escape(str(ckpt.metrics_path))}: Disk quota exceeded"):
+        ckpt.log({"iteration": 1, "loss": 1.0})
+
+
 # ------------------------------------------------------------------------------------------
 # 6. multi-seed resume
 # ------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ __all__ = [
 ]
 
 #: what a scheduler sends to ask a run to stop or to save: the main process decides, workers ignore them
-WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+WORKER_IGNORED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
 LOCK_NAME = ".hpseg.lock"
 #: the temporary files of hpseg.io.atomic_path: ``.NAME.`` + mkstemp's 8 random characters + ``.tmp``
 _TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
@@ -100,7 +101,8 @@ class _QuietWorker:
     def __call__(self, worker_id: int) -> None:
         for s in WORKER_IGNORED:
             signal.signal(s, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)  # blocked by the parent while it forked
+        if _MASKS:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)  # blocked by the parent while it forked
         if self.inner is not None:
             self.inner(worker_id)
 
@@ -109,7 +111,7 @@ class _QuietWorker:
 def _stop_signals_blocked() -> Iterator[None]:
     """Block the stop signals in this thread (a forked worker inherits the mask); on exit a
     pending signal is delivered to this process's handler as usual."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _MASKS or threading.current_thread() is not threading.main_thread():
         yield
         return
     before = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
@@ -196,13 +198,17 @@ def _lock_file(folder: Path) -> int | None:
     path = folder / LOCK_NAME
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except PermissionError as exc:
             log.warning("%s cannot be written (%s): no lock taken", folder, exc.strerror)
             return None
         try:
             import fcntl
-
+        except ImportError:  # not a POSIX system
+            os.close(fd)
+            log.warning("no file locks on this system: two runs into %s would not be detected", folder)
+            return None
+        try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
