@@ -345,8 +345,9 @@ def run_training(cfg: Config) -> TrainingRun:
     """
     out_dir = run_dir(cfg)
     require_data_root(cfg)
-    with dist.process_group(build_runtime(cfg).device), run_folder_lock(out_dir, enabled=dist.rank() == 0) as lock, \
-            removed_on_failure(out_dir, existed=lock.existed):
+    with (dist.process_group(build_runtime(cfg).device),
+          run_folder_lock(out_dir, enabled=dist.rank() == 0) as lock,  # one run per folder (rank 0 holds it)
+          removed_on_failure(out_dir, existed=lock.existed)):
         runtime = build_runtime(cfg)  # rank and world size, now that the group exists
         if not cfg.train.seeds:
             done = train_one(cfg, out_dir, runtime).get("already_finished", False)

@@ -402,8 +402,9 @@ class ReferencePools:
 def _loader(dataset: Dataset[Any], sampler: EpochSampler, batch: int, workers: int, runtime: Runtime) -> DataLoader:
     """A loader over ``(index, augmentation seed)`` keys; its own generator keeps the global
     random stream untouched (exact resume); its workers leave stop signals to the main process."""
-    return QuietWorkersLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=runtime.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    return QuietWorkersLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers,
+                              drop_last=True, pin_memory=runtime.device.type == "cuda",
+                              generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
