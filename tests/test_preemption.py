@@ -249,19 +249,29 @@ def test_the_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tmp_pa
 # ------------------------------------------------------------------------------------------
 
 
-def test_a_crash_before_the_first_save_leaves_no_rows_and_no_temporaries(tmp_path, tiny_backbone_file,
-                                                                          monkeypatch, reference):
+def test_sigkill_before_the_first_save_leaves_no_rows_and_no_temporaries(tmp_path, tiny_backbone_file, reference):
     run = tmp_path / "run"
-    run.mkdir()  # a folder of the user's: the failed run's files stay, as after a SIGKILL
-    _at_step(monkeypatch, {2: _crash})  # dies in its second step: iteration 0 is logged, nothing saved
-    with pytest.raises(_Crash):
-        main(_argv(run, tiny_backbone_file))
-    assert not (run / "last.pt").exists() and _rows(run)  # a row of the dead run
+    argv = _argv(run, tiny_backbone_file)
+    child = _python(f"""
+        import os, signal, sys
+        import hpseg.train as t
+        from hpseg.cli import main
+        real, n = t.train_step, [0]
+        def step(*a, **k):
+            n[0] += 1
+            if n[0] == 2:  # in its second step: iteration 0 is logged, nothing is saved yet
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        t.train_step = step
+        sys.exit(main({argv!r}))
+    """)
+    child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert not (run / "last.pt").exists() and _rows(run) and (run / LOCK_NAME).is_file()  # the dead run's
     (run / ".best.pt.k3j9x_q2.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-write
     keep = run / ".notes.tmp"  # not a temporary of hpseg's
     keep.write_text("mine")
-    monkeypatch.undo()
-    assert main(_argv(run, tiny_backbone_file)) == 0
+    assert main(argv) == 0  # the lock of the dead run is taken over
     assert _rows(run) == _rows(reference)  # iterations 0, 1, 2, …: nothing of the dead run
     keep.unlink()
     _assert_same_run(run, reference)
