@@ -485,3 +485,20 @@ def test_a_third_ctrl_c_aborts_unless_a_save_is_under_way(caplog):
             ctrl_c()  # outside a save, the user insists: stop now
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are put back
     assert "Ctrl-C 1 more time(s) to abort without saving" in caplog.text
+
+
+@pytest.mark.parametrize(("name", "text"), [("config.yaml", "data: [unclosed\n"), ("config.yaml", "- a list\n"),
+                                            ("train_summary.json", '{"iterations": 4, "be')])
+def test_a_damaged_config_or_summary_is_one_line_naming_it(tmp_path, name, text):
+    from hpseg.checkpointing import check_run_folder
+    from hpseg.config import build_config
+
+    cfg = build_config("synthetic", [])
+    run = tmp_path / "run"
+    run.mkdir()
+    for file, content in {"config.yaml": cfg.to_yaml(), "train_summary.json": "{}", "final.pt": "x"}.items():
+        (run / file).write_text(content)
+    (run / name).write_text(text)
+    with pytest.raises(HPSegError, match=rf"^cannot read {re.escape(str(run / name))}.*delete the run folder") as err:
+        check_run_folder(run, cfg.to_dict())
+    assert "\n" not in str(err.value)

@@ -396,6 +396,26 @@ def suggest_out_dir(out_dir: Path, key: str, value: Any) -> Path:
     return candidate
 
 
+def _read_run_file(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` or ``train_summary.json``; a damaged one is one line."""
+    try:
+        value = parse(path.read_text(encoding="utf-8")) or {}
+    except (ValueError, UnicodeDecodeError, _yaml_error()) as exc:
+        raise HPSegError(f"cannot read {path} ({type(exc).__name__}): the file is damaged; restore it from a copy, "
+                         "or delete the run folder to start over") from exc
+    if not isinstance(value, dict):
+        raise HPSegError(f"cannot read {path}: not the file a run writes; restore it from a copy, or delete the "
+                         "run folder to start over")
+    return value
+
+
+def _yaml_error() -> type[Exception]:
+    """PyYAML's base error type (imported when needed)."""
+    import yaml
+
+    return yaml.YAMLError
+
+
 def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """Before training into ``out_dir`` with ``config`` (``Config.to_dict``): the stored
     ``train_summary.json`` (plus ``"already_finished": True``) when the folder holds a finished
@@ -410,7 +430,7 @@ def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     finished = summary_file.is_file() and (out_dir / "final.pt").is_file()
     if not saved.is_file() or not (finished or (out_dir / "last.pt").is_file()):
         return None
-    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    before = _read_run_file(saved, yaml.safe_load)
     changed = changed_settings(before, config, finished=finished)
     if changed:
         key, _, new = changed[0]
@@ -425,7 +445,7 @@ def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
         if old != new:
             log.warning("resuming with train.max_iters=%s instead of %s: the λ ramp follows the new length", new, old)
         return None
-    summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary: dict[str, Any] = _read_run_file(summary_file, json.loads)
     log.info("%s already holds this finished run (%s iterations): nothing to do", out_dir, summary.get("iterations"))
     return {**summary, "already_finished": True}
 
