@@ -502,3 +502,11 @@ def test_a_damaged_config_or_summary_is_one_line_naming_it(tmp_path, name, text)
     with pytest.raises(HPSegError, match=rf"^cannot read {re.escape(str(run / name))}.*delete the run folder") as err:
         check_run_folder(run, cfg.to_dict())
     assert "\n" not in str(err.value)
+
+
+def test_the_save_signal_is_sigusr1_or_sigusr2():
+    from hpseg.config import build_config
+
+    assert build_config("synthetic", ["train.save_on_signal=usr2"]).train.save_on_signal == "usr2"
+    with pytest.raises(HPSegError, match="train.save_on_signal must be SIGUSR1 or SIGUSR2"):
+        build_config("synthetic", ["train.save_on_signal=SIGTERM"])  # SIGTERM already stops and saves
