@@ -155,7 +155,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
             n[0] += 1
             if n[0] == 3:
                 print("in step 3", flush=True)
-                time.sleep(2)  # the rest of the step: the scheduler's signal comes now
+                time.sleep(1)  # the rest of the step: the scheduler's signal comes now
             return out
         t.train_step = step
         sys.exit(main({argv!r}))
