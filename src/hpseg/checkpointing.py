@@ -110,10 +110,9 @@ ABORT_AFTER = 3
 _saves_under_way = [0]  # a signal handler never interrupts a save (Checkpointer.save_last)
 
 
-
-
 def _uninterrupted(method: _F) -> _F:
     """Mark ``method`` a save: while it runs, no signal handler of :func:`stop_on_signals` raises."""
+
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _saves_under_way[0] += 1
