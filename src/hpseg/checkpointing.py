@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 LAST_FORMAT_VERSION = 2
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -108,6 +107,7 @@ class StopRequest:
 #: SIGINTs that abort at once (unless a save is under way), losing the steps since the last save
 ABORT_AFTER = 3
 _saves_under_way = [0]  # a signal handler never interrupts a save (Checkpointer.save_last)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _uninterrupted(method: _F) -> _F:
@@ -369,6 +369,26 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _read_run_file(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` or ``train_summary.json``; a damaged one is one line."""
+    try:
+        value = parse(path.read_text(encoding="utf-8")) or {}
+    except (ValueError, UnicodeDecodeError, _yaml_error()) as exc:
+        raise HPSegError(f"cannot read {path} ({type(exc).__name__}): the file is damaged; restore it from a copy, "
+                         "or delete the run folder to start over") from exc
+    if not isinstance(value, dict):
+        raise HPSegError(f"cannot read {path}: not the file a run writes; restore it from a copy, or delete the "
+                         "run folder to start over")
+    return value
+
+
+def _yaml_error() -> type[Exception]:
+    """PyYAML's base error type (imported when needed)."""
+    import yaml
+
+    return yaml.YAMLError
+
+
 def changed_settings(before: dict[str, Any], now: dict[str, Any], *,
                      finished: bool) -> list[tuple[str, Any, Any]]:
     """``(key, stored value, new value)`` of the settings (``Config.to_dict`` form) that differ
@@ -393,26 +413,6 @@ def suggest_out_dir(out_dir: Path, key: str, value: Any) -> Path:
     while candidate.exists():
         candidate, n = out_dir.with_name(f"{out_dir.name}-{tag}-{n}"), n + 1
     return candidate
-
-
-def _read_run_file(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
-    """A run folder's ``config.yaml`` or ``train_summary.json``; a damaged one is one line."""
-    try:
-        value = parse(path.read_text(encoding="utf-8")) or {}
-    except (ValueError, UnicodeDecodeError, _yaml_error()) as exc:
-        raise HPSegError(f"cannot read {path} ({type(exc).__name__}): the file is damaged; restore it from a copy, "
-                         "or delete the run folder to start over") from exc
-    if not isinstance(value, dict):
-        raise HPSegError(f"cannot read {path}: not the file a run writes; restore it from a copy, or delete the "
-                         "run folder to start over")
-    return value
-
-
-def _yaml_error() -> type[Exception]:
-    """PyYAML's base error type (imported when needed)."""
-    import yaml
-
-    return yaml.YAMLError
 
 
 def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
