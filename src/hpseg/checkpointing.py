@@ -294,22 +294,6 @@ class Checkpointer:
         self.saved_at = state.iteration
         return True
 
-    def at_signal(self, stop: StopRequest, batches: Any, model: HPModel, optimizers: Any,
-                  scaler: torch.amp.GradScaler, pools: Any, state: TrainState) -> None:
-        """At a step boundary after a signal (:func:`stop_on_signals`): on the save signal, write
-        ``last.pt`` and go on; on a stop, end the loader's workers (``batches``), write
-        ``last.pt`` (unless this iteration is saved already) and raise :class:`Stopped`."""
-        if stop.requested:
-            close_loader(batches)  # the workers end before the save (a pre-empted job's time is short)
-        if self.saved_at != state.iteration:
-            self.save_last(model, optimizers, scaler, pools, state)
-            if not stop.requested and self.runtime.is_main:
-                log.info("saved %s at iteration %d (save signal)", self.last_path, state.iteration)
-        stop.save_requested = False
-        if stop.requested:
-            raise Stopped(f"{signal_name(stop.signum)}: stopped at iteration {state.iteration}, state saved in "
-                          f"{self.last_path}: run the same command to resume", stop.signum)
-
     # -- model checkpoints -----------------------------------------------------------------------
     def _save_model(self, name: str, model: HPModel, metrics: dict[str, Any] | None, iteration: int) -> None:
         assignment = (metrics or {}).get("unsupervised", {}).get("assignment")
@@ -345,6 +329,23 @@ class Checkpointer:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
+
+    # -- signals ---------------------------------------------------------------------------------
+    def at_signal(self, stop: StopRequest, batches: Any, model: HPModel, optimizers: Any,
+                  scaler: torch.amp.GradScaler, pools: Any, state: TrainState) -> None:
+        """At a step boundary after a signal (:func:`stop_on_signals`): on the save signal, write
+        ``last.pt`` and go on; on a stop, end the loader's workers (``batches``), write
+        ``last.pt`` (unless this iteration is saved already) and raise :class:`Stopped`."""
+        if stop.requested:
+            close_loader(batches)  # the workers end before the save (a pre-empted job's time is short)
+        if self.saved_at != state.iteration:
+            self.save_last(model, optimizers, scaler, pools, state)
+            if not stop.requested and self.runtime.is_main:
+                log.info("saved %s at iteration %d (save signal)", self.last_path, state.iteration)
+        stop.save_requested = False
+        if stop.requested:
+            raise Stopped(f"{signal_name(stop.signum)}: stopped at iteration {state.iteration}, state saved in "
+                          f"{self.last_path}: run the same command to resume", stop.signum)
 
 
 # ------------------------------------------------------------------------------------------
