@@ -12,17 +12,19 @@ A run resumed from ``last.pt`` ends with the same weights as one never interrupt
 and augmentation are functions of (seed, epoch, item) (:mod:`hpseg.data.sampler`), and the
 global random streams (dropout masks, negative sampling) and the pool generator are saved and
 restored. :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
-two steps, after ``last.pt`` is written (:meth:`Checkpointer.at_signal`; a save is never cut
-short by another signal), and an optional save signal (``train.save_on_signal``) into a save.
-
-The log matches the checkpoint: a fresh start (no ``last.pt``) begins an empty
-``metrics.jsonl``, a resumed run drops the lines written after its ``last.pt`` (and a torn last
-line, said once); a damaged ``last.pt`` or a failed write is one line naming the file.
+two steps, after ``last.pt`` is written.
 
 A run folder keeps the user's work: :func:`check_run_folder` says when a folder already holds a
 finished run of the same settings (nothing to do) and refuses, naming the changed settings and
 a new folder, a finished or unfinished run of other settings; :func:`removed_on_failure` removes
 a folder that a failed start created, so that no half-made run (a lone ``config.yaml``) stays.
+
+Pre-emption and accidents (README "Resuming, pre-emption and accidents"): the stop-save
+(:meth:`Checkpointer.at_signal`) ends the DataLoader workers first and is never cut short by
+another signal; an optional save signal (``train.save_on_signal``) saves and goes on. The log
+matches the checkpoint: a fresh start (no ``last.pt``) begins an empty ``metrics.jsonl``, a
+resumed run drops the lines written after its ``last.pt`` (and a torn last line, said once); a
+damaged ``last.pt`` or a failed write is one line naming the file.
 """
 
 from __future__ import annotations
