@@ -238,8 +238,11 @@ def _write_holder(fd: int, folder: Path) -> None:
         log.info("%s was locked by a run that ended without unlocking it (%s): taken over", folder,
                  _holder(previous))
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+    except OSError as exc:  # a full disk: the lock holds all the same; the run's first save will say it
+        log.debug("could not write the lock's owner into %s: %s", folder / LOCK_NAME, exc)
 
 
 @contextlib.contextmanager
@@ -276,15 +279,16 @@ def run_folder_lock(folder: Path, *, enabled: bool = True) -> Iterator[RunLock]:
         lock.fd = _lock_file(folder)
         lock.locked = lock.fd is not None
     if lock.fd is not None:
-        _write_holder(lock.fd, folder)
-        remove_stale_temporaries(folder)
         _HELD[key] = lock
     try:
+        if lock.fd is not None:
+            _write_holder(lock.fd, folder)
+            remove_stale_temporaries(folder)
         yield lock
     finally:
         if lock.fd is not None:
             del _HELD[key]
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone with its folder, or the folder became read-only
                 os.unlink(folder / LOCK_NAME)  # while still locked: a waiting opener sees another file
             os.close(lock.fd)  # releases the lock
 
