@@ -50,7 +50,7 @@ def test_only_the_cli_prints() -> None:
 
 #: the layers of docs/DEVELOPING.md: a module may import from its own layer and the layers below
 LAYERS = {
-    "foundations": ["errors", "io", "config", "schedule", "imaging", "runtime", "distributed"],
+    "foundations": ["errors", "io", "config", "schedule", "imaging", "runtime", "distributed", "preemption"],
     "math and modules": ["hidden_positives", "metrics", "crf", "clustering", "heads", "backbones", "model",
                          "diagnostics", "label_free", "verdict"],
     "data and files": ["data", "checkpoint", "results", "viz"],

@@ -18,11 +18,19 @@ A run folder keeps the user's work: :func:`check_run_folder` says when a folder 
 finished run of the same settings (nothing to do) and refuses, naming the changed settings and
 a new folder, a finished or unfinished run of other settings; :func:`removed_on_failure` removes
 a folder that a failed start created, so that no half-made run (a lone ``config.yaml``) stays.
+
+Pre-emption and accidents (README "Resuming, pre-emption and accidents"): the stop-save
+(:meth:`Checkpointer.at_signal`) ends the DataLoader workers first and is never cut short by
+another signal; an optional save signal (``train.save_on_signal``) saves and goes on. The log
+matches the checkpoint: a fresh start (no ``last.pt``) begins an empty ``metrics.jsonl``, a
+resumed run drops the lines written after its ``last.pt`` (and a torn last line, said once); a
+damaged ``last.pt`` or a failed write is one line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -31,18 +39,19 @@ import re
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
 from hpseg import distributed as dist
 from hpseg.checkpoint import save_checkpoint
 from hpseg.errors import HPSegError
-from hpseg.io import atomic_torch_save, atomic_write_text, finite
+from hpseg.io import atomic_torch_save, atomic_write_text, finite, safe_torch_load, write_error
 from hpseg.model import HPModel
+from hpseg.preemption import RunFolderBusy, Stopped, close_loader, signal_name
 from hpseg.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,7 @@ __all__ = [
     "changed_settings",
     "check_run_folder",
     "removed_on_failure",
+    "seed_folder_states",
     "stop_on_signals",
     "suggest_out_dir",
 ]
@@ -82,27 +92,73 @@ class TrainState:
 
 @dataclass
 class StopRequest:
-    """Set by a signal handler; the loop stops at the next step boundary."""
+    """Set by the signal handlers of :func:`stop_on_signals`; the loop acts at the next step
+    boundary (:meth:`Checkpointer.at_signal`)."""
 
-    requested: bool = False
+    requested: bool = False  # stop (SIGINT, SIGTERM): save last.pt and raise Stopped
+    signum: int = signal.SIGINT  # the first stop signal (the exit status is 128 + it)
+    save_requested: bool = False  # the save signal: save last.pt and go on
+    interrupts: int = 0  # SIGINTs received; a third one (not during a save) aborts without saving
+
+    @property
+    def pending(self) -> bool:
+        """Whether the loop has something to do at this step boundary."""
+        return self.requested or self.save_requested
+
+
+#: SIGINTs that abort at once (unless a save is under way), losing the steps since the last save
+ABORT_AFTER = 3
+_saves_under_way = [0]  # a signal handler never interrupts a save (Checkpointer.save_last)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _uninterrupted(method: _F) -> _F:
+    """Mark ``method`` a save: while it runs, no signal handler of :func:`stop_on_signals` raises."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _saves_under_way[0] += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _saves_under_way[0] -= 1
+
+    return cast(_F, wrapper)
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """Within the block, SIGTERM and a first SIGINT only set ``requested`` (a second SIGINT
-    interrupts at once). Outside the main thread nothing is installed."""
+def stop_on_signals(save_signal: str | int | None = None) -> Iterator[StopRequest]:
+    """Within the block, SIGTERM and SIGINT only set ``requested``: the loop saves and stops at
+    the next step boundary, and more signals never cut that save short. A third SIGINT outside
+    a save aborts at once (``KeyboardInterrupt``, the steps since the last save are lost).
+    ``save_signal`` (``"SIGUSR1"``, ``"USR2"`` or a number) sets ``save_requested``: save and go
+    on. Outside the main thread nothing is installed."""
+    if isinstance(save_signal, str):
+        save_signal = int(signal.Signals["SIG" + save_signal.upper().removeprefix("SIG")])
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if request.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        request.requested = True
-        log.warning("signal %d: stopping after this step (state saved to last.pt)", signum)
+        name = signal_name(signum)
+        if signum == save_signal:
+            request.save_requested = True
+            log.warning("%s: saving last.pt after this step, then going on", name)
+            return
+        request.interrupts += signum == signal.SIGINT
+        if not request.requested:
+            request.requested, request.signum = True, signum
+            log.warning("%s: stopping after this step (state saved to last.pt)", name)
+        elif request.interrupts >= ABORT_AFTER and not _saves_under_way[0]:
+            raise KeyboardInterrupt("aborted without saving: the steps since the last save are lost")
+        else:
+            more = ABORT_AFTER - request.interrupts
+            log.warning("%s: already stopping after this step%s", name, "" if more <= 0 or signum != signal.SIGINT
+                        else f" (Ctrl-C {more} more time(s) to abort without saving)")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    watched = [signal.SIGINT, signal.SIGTERM] + ([save_signal] if save_signal is not None else [])
+    previous = {s: signal.signal(s, handler) for s in watched}
     try:
         yield request
     finally:
@@ -133,6 +189,7 @@ class Checkpointer:
         self.out_dir, self.runtime, self.config = Path(out_dir), runtime, config
         self.last_path = self.out_dir / "last.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.saved_at = -1  # the iteration of the last save_last (or resume) of this process
         if runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -141,29 +198,52 @@ class Checkpointer:
         """Append one JSON line to ``metrics.jsonl`` (main process only); a number that is not
         finite (e.g. a precision without a labelled pair) is written as null, never NaN."""
         if self.runtime.is_main:
-            with self.metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
+            try:
+                with self.metrics_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
+            except OSError as exc:  # a full disk, a folder made read-only: one line (a torn line is dropped on resume)
+                error = write_error(self.metrics_path, exc)
+                if error is None:
+                    raise
+                raise error from exc
+
+    def _fresh_log(self) -> None:
+        """Begin an empty log at a fresh start: rows of a run that never saved ``last.pt`` go."""
+        if self.runtime.is_main and self.metrics_path.is_file() and self.metrics_path.stat().st_size:
+            log.info("starting over: %s held the log of a run that never saved last.pt; it begins anew",
+                     self.metrics_path)
+            atomic_write_text(self.metrics_path, "")
 
     def _truncate_log(self, iteration: int) -> None:
-        """Drop log lines written after ``iteration`` steps (by a run that died after saving)."""
+        """Drop log lines written after ``iteration`` steps (by a run that died after saving),
+        and lines that are not JSON rows (a torn last line of a crash mid-write; said once)."""
         if not (self.runtime.is_main and self.metrics_path.is_file()):
             return
-        keep = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        keep, torn = [], []
+        for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            done = row["iteration"] if "val" in row else row["iteration"] + 1
+            try:
+                row = json.loads(line)
+                done = row["iteration"] if "val" in row else row["iteration"] + 1
+            except (ValueError, TypeError, KeyError):
+                torn.append(number)
+                continue
             if done <= iteration:
                 keep.append(line)
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (line %s; a crash while writing it)", self.metrics_path,
+                        len(torn), ", ".join(map(str, torn[:5])) + (", …" if len(torn) > 5 else ""))
         atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in keep))
 
     # -- resumable state -------------------------------------------------------------------------
+    @_uninterrupted
     def save_last(self, model: HPModel, optimizers: Any, scaler: torch.amp.GradScaler, pools: Any,
                   state: TrainState) -> None:
         """Write ``last.pt`` (collective in distributed runs: every rank must call it)."""
         streams = {k: _gather(v, self.runtime) for k, v in _rank_streams(self.runtime).items()}
         pool_gen = _gather(pools.generator.get_state(), self.runtime)
+        self.saved_at = state.iteration
         if not self.runtime.is_main:
             return
         pool_state = pools.state_dict()
@@ -184,13 +264,21 @@ class Checkpointer:
 
     def resume(self, model: HPModel, optimizers: Any, scaler: torch.amp.GradScaler, pools: Any,
                state: TrainState) -> bool:
-        """Restore everything from ``last.pt``; False when there is none."""
-        if not self.last_path.is_file():
-            return False
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=True)
-        if ckpt.get("format_version") != LAST_FORMAT_VERSION:
-            from hpseg.errors import HPSegError
+        """Restore everything from ``last.pt``; False when there is none (a fresh start, which
+        begins an empty log).
 
+        Raises:
+            HPSegError: ``last.pt`` is damaged or of another version (one line: restore or delete it).
+        """
+        if not self.last_path.is_file():
+            self._fresh_log()
+            return False
+        ckpt = safe_torch_load(self.last_path, expected="the resumable state of a run (last.pt)",
+                               fix="restore it from a copy, or delete it to start the run over from scratch")
+        if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+            raise HPSegError(f"{self.last_path} is not the resumable state of a run: restore it from a copy, "
+                             "or delete it to start the run over from scratch")
+        if ckpt.get("format_version") != LAST_FORMAT_VERSION:
             raise HPSegError(f"{self.last_path} was written by another hpseg version and cannot resume exactly: "
                              "delete it to start over (or use that version)")
         device, rank = self.runtime.device, self.runtime.rank
@@ -205,6 +293,7 @@ class Checkpointer:
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)
         self._truncate_log(state.iteration)
+        self.saved_at = state.iteration
         return True
 
     # -- model checkpoints -----------------------------------------------------------------------
@@ -243,6 +332,23 @@ class Checkpointer:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
 
+    # -- signals ---------------------------------------------------------------------------------
+    def at_signal(self, stop: StopRequest, batches: Any, model: HPModel, optimizers: Any,
+                  scaler: torch.amp.GradScaler, pools: Any, state: TrainState) -> None:
+        """At a step boundary after a signal (:func:`stop_on_signals`): on the save signal, write
+        ``last.pt`` and go on; on a stop, end the loader's workers (``batches``), write
+        ``last.pt`` (unless this iteration is saved already) and raise :class:`Stopped`."""
+        if stop.requested:
+            close_loader(batches)  # the workers end before the save (a pre-empted job's time is short)
+        if self.saved_at != state.iteration:
+            self.save_last(model, optimizers, scaler, pools, state)
+            if not stop.requested and self.runtime.is_main:
+                log.info("saved %s at iteration %d (save signal)", self.last_path, state.iteration)
+        stop.save_requested = False
+        if stop.requested:
+            raise Stopped(f"{signal_name(stop.signum)}: stopped at iteration {state.iteration}, state saved in "
+                          f"{self.last_path}: run the same command to resume", stop.signum)
+
 
 # ------------------------------------------------------------------------------------------
 # the state of a run folder
@@ -250,7 +356,7 @@ class Checkpointer:
 
 #: settings that change how a run is carried out, never what it computes
 _BOOKKEEPING = frozenset({"train.progress", "train.device", "train.out_dir", "train.log_freq", "train.seeds",
-                          "data.num_workers", "data.max_skipped_fraction"})
+                          "data.num_workers", "data.max_skipped_fraction", "train.save_on_signal"})
 #: what an unfinished run may change when resumed (its other train.* settings too: a longer run...)
 _RESUME_TRAIN = frozenset({"train.batch_size", "train.epochs", "train.seed", "train.precision"})
 #: short tags of a suggested folder name (runs/photos-k8)
@@ -264,6 +370,26 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     if flat.get("data.root"):
         flat["data.root"] = str(Path(str(flat["data.root"])).expanduser().resolve())
     return flat
+
+
+def _read_run_file(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` or ``train_summary.json``; a damaged one is one line."""
+    try:
+        value = parse(path.read_text(encoding="utf-8")) or {}
+    except (ValueError, UnicodeDecodeError, _yaml_error()) as exc:
+        raise HPSegError(f"cannot read {path} ({type(exc).__name__}): the file is damaged; restore it from a copy, "
+                         "or delete the run folder to start over") from exc
+    if not isinstance(value, dict):
+        raise HPSegError(f"cannot read {path}: not the file a run writes; restore it from a copy, or delete the "
+                         "run folder to start over")
+    return value
+
+
+def _yaml_error() -> type[Exception]:
+    """PyYAML's base error type (imported when needed)."""
+    import yaml
+
+    return yaml.YAMLError
 
 
 def changed_settings(before: dict[str, Any], now: dict[str, Any], *,
@@ -306,7 +432,7 @@ def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     finished = summary_file.is_file() and (out_dir / "final.pt").is_file()
     if not saved.is_file() or not (finished or (out_dir / "last.pt").is_file()):
         return None
-    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    before = _read_run_file(saved, yaml.safe_load)
     changed = changed_settings(before, config, finished=finished)
     if changed:
         key, _, new = changed[0]
@@ -321,18 +447,36 @@ def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
         if old != new:
             log.warning("resuming with train.max_iters=%s instead of %s: the λ ramp follows the new length", new, old)
         return None
-    summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary: dict[str, Any] = _read_run_file(summary_file, json.loads)
     log.info("%s already holds this finished run (%s iterations): nothing to do", out_dir, summary.get("iterations"))
     return {**summary, "already_finished": True}
 
 
+def seed_folder_states(folders: list[Path]) -> dict[str, list[Path]]:
+    """The run folders of a multi-seed run by state: ``finished`` (``final.pt`` and
+    ``train_summary.json``), ``unfinished`` (``last.pt``: it continues) and ``new``."""
+    states: dict[str, list[Path]] = {"finished": [], "unfinished": [], "new": []}
+    for folder in folders:
+        if (folder / "final.pt").is_file() and (folder / "train_summary.json").is_file():
+            states["finished"].append(folder)
+        elif (folder / "last.pt").is_file():
+            states["unfinished"].append(folder)
+        else:
+            states["new"].append(folder)
+    return states
+
+
 @contextlib.contextmanager
-def removed_on_failure(out_dir: Path) -> Iterator[None]:
-    """Remove ``out_dir`` when the block fails and the folder did not exist before it, unless a
-    ``last.pt`` (anywhere below it) makes it resumable: a failed start leaves nothing behind."""
-    existed = out_dir.exists()
+def removed_on_failure(out_dir: Path, *, existed: bool | None = None) -> Iterator[None]:
+    """Remove ``out_dir`` when the block fails and the folder did not exist before it
+    (``existed``; None: look now), unless a ``last.pt`` (anywhere below it) makes it resumable:
+    a failed start leaves nothing behind. A refusal for a folder in use
+    (:class:`~hpseg.preemption.RunFolderBusy`) removes nothing: the folder is the other run's."""
+    existed = out_dir.exists() if existed is None else existed
     try:
         yield
+    except RunFolderBusy:
+        raise
     except BaseException:
         if dist.rank() == 0 and not existed and out_dir.is_dir() and not any(out_dir.rglob("last.pt")):
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -118,6 +118,7 @@ class TrainConfig:
     valid_images: int | None = None  # validation images used during training (None: all)
     auto_schedule: bool = True  # folder datasets: fit warm-up, renewal, validation to the run (hpseg.schedule)
     deterministic: bool = True  # bit-identical reruns and resumes on one GPU (deterministic kernels; README)
+    save_on_signal: str | None = None  # SIGUSR1 | SIGUSR2: save last.pt at the next step and go on (SLURM --signal)
 
 
 @dataclass
@@ -355,6 +356,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= d.holdout < 1.0, "data.holdout must lie in [0, 1) (e.g. 0.2 holds out a fifth of the images)"),
         (t.counting in ("epoch", "global"), "train.counting must be epoch or global"),
         (t.valid_images is None or t.valid_images >= 1, "train.valid_images must be at least 1"),
+        (t.save_on_signal is None or str(t.save_on_signal).upper().removeprefix("SIG") in ("USR1", "USR2"),
+         f"train.save_on_signal must be SIGUSR1 or SIGUSR2 (or null), got {t.save_on_signal!r}"),
     ]
     for ok, message in checks:
         if not ok:

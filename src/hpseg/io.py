@@ -10,6 +10,7 @@ would create ``0600`` files that a colleague or a web server cannot read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "file_sha256",
     "finite",
     "safe_torch_load",
+    "write_error",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -45,24 +47,67 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: OS errors of a write that the user fixes (space, quota, permissions), by their fix
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EFBIG: "write elsewhere (the file system refuses files this large)",
+    errno.EACCES: "make the folder writable or write elsewhere",
+    errno.EPERM: "make the folder writable or write elsewhere",
+    errno.EROFS: "write elsewhere (the file system is read-only)",
+}
+
+
+def write_error(path: str | os.PathLike[str], exc: BaseException) -> HPSegError | None:
+    """The one-line error of a write of ``path`` that failed with ``exc``, or None when no OS
+    error of a full disk, a quota or missing permissions is among its causes.
+
+    The OS error may be wrapped: ``torch.save`` raises ``RuntimeError: … unexpected pos …``
+    with the ``OSError`` as its context. The message names the path, the OS error and the fix,
+    and says that the files already there are unchanged (every write is atomic).
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _WRITE_FIXES:
+            return HPSegError(f"cannot write {Path(path)}: {cause.strerror or os.strerror(cause.errno)}: "
+                              f"{_WRITE_FIXES[cause.errno]} (the files already there are unchanged)")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (ONNX, savefig, …).
 
     On success the temporary file gets the umask's permissions and is renamed over ``path``;
     on any exception it is removed and an existing ``path`` is left untouched.
+
+    Raises:
+        HPSegError: the write failed for a full disk, a quota or missing permissions
+            (:func:`write_error`: one line naming ``path`` and the OS error).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        error = write_error(target, exc)
+        if error is None:
+            raise
+        raise error from exc
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        error = None if isinstance(exc, HPSegError) else write_error(target, exc)
+        if error is not None:
+            raise error from exc
         raise
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
 from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
-from hpseg.checkpointing import check_run_folder, removed_on_failure
+from hpseg.checkpointing import check_run_folder, removed_on_failure, seed_folder_states
 from hpseg.clustering import kmeans
 from hpseg.config import (
     PAPER_DATASETS,
@@ -49,6 +49,7 @@ from hpseg.evaluate import (
 )
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
+from hpseg.preemption import QuietWorkersLoader, run_folder_lock
 from hpseg.results import RANDOM_WEIGHTS, Protocol, Results, aggregate_seeds
 from hpseg.runtime import Runtime, make_deterministic, seed_everything
 from hpseg.train import ReferencePools, fit
@@ -199,8 +200,9 @@ def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
 
 
 def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:
-    """Deterministic loader for evaluation."""
-    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    """Deterministic loader for evaluation (its workers leave stop signals to the main process)."""
+    return QuietWorkersLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
+                              num_workers=cfg.data.num_workers)
 
 
 def backbone_weights(cfg: Config) -> str:
@@ -244,7 +246,7 @@ def make_validator(cfg: Config, val_set: Dataset, runtime: Runtime) -> Any:
     on batches of the training size, as positives are mined in training)."""
     loader = eval_loader(val_set, cfg)
     per_rank = max(2, cfg.train.batch_size // max(1, runtime.world_size))
-    batches = DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=cfg.data.num_workers)
+    batches = QuietWorkersLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=cfg.data.num_workers)
     quiet = dataclasses.replace(runtime, progress=False)
 
     def validate(model: HPModel, pools: ReferencePools) -> dict[str, Any]:
@@ -290,7 +292,18 @@ def _record_skipped(out_dir: Path, runtime: Runtime, *datasets: Dataset) -> None
 
 def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
     """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``); folder runs train with
-    a schedule fitted to the folder (:func:`hpseg.schedule.fit_schedule`)."""
+    a schedule fitted to the folder (:func:`hpseg.schedule.fit_schedule`). The folder is locked
+    for the run (:func:`hpseg.preemption.run_folder_lock`, by rank 0 of a torchrun job).
+
+    Raises:
+        RunFolderBusy: another run trains into ``out_dir`` (an :class:`HPSegError`).
+    """
+    with run_folder_lock(out_dir, enabled=dist.rank() == 0):
+        return _train_locked(cfg, out_dir, runtime)
+
+
+def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
+    """:func:`train_one` once the folder is locked."""
     from hpseg.schedule import fit_schedule
 
     runtime = runtime or build_runtime(cfg)
@@ -321,6 +334,15 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
                validate=make_validator(cfg, _validation_subset(val_set, cfg.train.valid_images), runtime))
 
 
+def _say_seed_states(out_dir: Path, seeds: list[int], runtime: Runtime) -> None:
+    """Log, when a multi-seed run resumes, which seeds are finished, which continues, which are new."""
+    states = seed_folder_states([out_dir / f"seed-{s}" for s in seeds])
+    if runtime.is_main and (states["finished"] or states["unfinished"]):
+        names = {k: ", ".join(f.name for f in v) or "none" for k, v in states.items()}
+        log.info("resuming %s: finished %s (left as they are); continuing %s from last.pt; new %s", out_dir,
+                 names["finished"], names["unfinished"], names["new"])
+
+
 @dataclass
 class TrainingRun:
     """What :func:`run_training` did: the run folders, and whether this process is the one that
@@ -338,11 +360,14 @@ def run_training(cfg: Config) -> TrainingRun:
     """
     out_dir = run_dir(cfg)
     require_data_root(cfg)
-    with dist.process_group(build_runtime(cfg).device), removed_on_failure(out_dir):
+    with (dist.process_group(build_runtime(cfg).device),
+          run_folder_lock(out_dir, enabled=dist.rank() == 0) as lock,  # one run per folder (rank 0 holds it)
+          removed_on_failure(out_dir, existed=lock.existed)):
         runtime = build_runtime(cfg)  # rank and world size, now that the group exists
         if not cfg.train.seeds:
             done = train_one(cfg, out_dir, runtime).get("already_finished", False)
             return TrainingRun([out_dir], runtime.is_main, [out_dir] if done else [])
+        _say_seed_states(out_dir, cfg.train.seeds, runtime)
         if runtime.is_main and not (out_dir / "config.yaml").is_file():  # a refused re-run keeps the first
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())

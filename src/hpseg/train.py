@@ -47,6 +47,7 @@ from hpseg.hidden_positives import (
     sample_pool_entries,
 )
 from hpseg.model import HPModel
+from hpseg.preemption import QuietWorkersLoader
 from hpseg.runtime import Runtime, eval_mode
 from hpseg.viz import save_figure, training_curve_figure
 
@@ -400,9 +401,10 @@ class ReferencePools:
 
 def _loader(dataset: Dataset[Any], sampler: EpochSampler, batch: int, workers: int, runtime: Runtime) -> DataLoader:
     """A loader over ``(index, augmentation seed)`` keys; its own generator keeps the global
-    random stream untouched (exact resume)."""
-    return DataLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=runtime.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    random stream untouched (exact resume); its workers leave stop signals to the main process."""
+    return QuietWorkersLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers,
+                              drop_last=True, pin_memory=runtime.device.type == "cuda",
+                              generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
@@ -504,7 +506,7 @@ def fit(
     t0 = time.perf_counter()
     first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first non-finite iteration
     model.train()
-    with stop_on_signals() as stop:
+    with stop_on_signals(train.save_on_signal) as stop:
         while state.iteration < max_iters:
             epoch, batches = data.epoch(state.iteration)
             for batch in batches:
@@ -532,10 +534,9 @@ def fit(
                     check_finite(first_bad, out)
                     _validate(model, pools, validate, state, ckpt, epoch)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
-                if stop.requested:
+                if stop.pending:  # a stop (SIGTERM, SIGINT) or the save signal
                     check_finite(first_bad, out)
-                    ckpt.save_last(model, optimizers, scaler, pools, state)
-                    raise KeyboardInterrupt(f"stopped at iteration {state.iteration}: run the same command to resume")
+                    ckpt.at_signal(stop, batches, model, optimizers, scaler, pools, state)
                 if state.iteration >= max_iters:
                     break
     if progress is not None:

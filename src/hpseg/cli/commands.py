@@ -34,8 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("config: %s", describe(cfg))
     run = run_training(cfg)
     if run.is_main:
+        several = len(run.folders) > 1
         for folder in run.folders:
-            if folder in run.finished_before:
+            if folder in run.finished_before and several:  # one seed of several: the others may have trained
+                print(f"{folder}: finished before this command, left as it was")
+            elif folder in run.finished_before:
                 print(f"{folder} already holds this finished run: nothing was changed (to train again, "
                       f"give a new folder: train.out_dir={folder}-2)")
             else:

@@ -2,7 +2,8 @@
 
 Every problem a user can fix is an :class:`~hpseg.errors.HPSegError`: it is printed as one line
 (``error: <message>``, exit status 2) without a traceback; ``--verbose`` shows debug logs and
-full tracebacks. Ctrl-C (or SIGTERM during training, after ``last.pt`` is written) exits 130.
+full tracebacks. Ctrl-C exits 130; a training stopped by a signal (after ``last.pt`` is written)
+exits ``128 + signum``: 130 for SIGINT, 143 for SIGTERM — one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -146,6 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # hpseg.preemption.Stopped carries the signal that stopped training
         print(f"interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
