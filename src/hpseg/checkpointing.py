@@ -189,23 +189,45 @@ class Checkpointer:
             return False
         ckpt = torch.load(self.last_path, map_location="cpu", weights_only=True)
         if ckpt.get("format_version") != LAST_FORMAT_VERSION:
-            from hpseg.errors import HPSegError
-
             raise HPSegError(f"{self.last_path} was written by another hpseg version and cannot resume exactly: "
                              "delete it to start over (or use that version)")
-        device, rank = self.runtime.device, self.runtime.rank
+        device = self.runtime.device
+        row = self._stream_row(ckpt)
         model.load_state_dict(ckpt["model"])
         optimizers.load_state_dict(ckpt["optimizers"])
         scaler.load_state_dict(ckpt["scaler"])
         pool_state = dict(ckpt["pools"])
-        pool_state["generator"] = pool_state["generator"][rank]
+        # .clone(): a row of the (world, …) state tensor is a view at an offset, which
+        # Generator.set_state / set_rng_state do not accept (a segmentation fault in torch 2.14)
+        pool_state["generator"] = pool_state["generator"][row].clone()
         pools.load_state_dict(pool_state, device)
         state.load_state_dict(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["cpu"][rank])
+        torch.set_rng_state(ckpt["rng"]["cpu"][row].clone())
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][row].clone(), device)
         self._truncate_log(state.iteration)
         return True
+
+    def _stream_row(self, ckpt: dict[str, Any]) -> int:
+        """The row of ``last.pt``'s per-process random streams this process restores.
+
+        The same number of processes: its own. Another number (the same global batch): with
+        ``loss.candidates=global`` every process held the same streams (docs/method.md,
+        "Randomness and the number of processes") and the run continues exactly as the
+        interrupted one would have — row 0 for every process; otherwise refused.
+        """
+        saved, world = int(ckpt["rng"]["cpu"].shape[0]), self.runtime.world_size
+        if saved == world:
+            return self.runtime.rank
+        candidates = (ckpt.get("config") or {}).get("loss", {}).get("candidates", "local")
+        streams = [ckpt["rng"][k] for k in sorted(ckpt["rng"])] + [ckpt["pools"]["generator"]]
+        if candidates != "global" or not all(bool((t == t[:1]).all()) for t in streams):
+            how = "loss.candidates=local" if candidates != "global" else "per-process random streams"
+            raise HPSegError(f"{self.last_path} was written by {saved} process(es) and this run has {world}: "
+                             f"its training depends on the number of processes ({how}); resume it with "
+                             f"{saved} (torchrun --nproc_per_node={saved}) or train into a new folder")
+        log.info("resuming a run of %d process(es) with %d: the same global batch, the same training", saved, world)
+        return 0
 
     # -- model checkpoints -----------------------------------------------------------------------
     def _save_model(self, name: str, model: HPModel, metrics: dict[str, Any] | None, iteration: int) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpseg import distributed as dist
 from hpseg.config import ModelConfig
 from hpseg.errors import HPSegError
 
@@ -25,8 +26,25 @@ __all__ = [
     "ProjectionHead",
     "SegmentationHead",
     "probe_cross_entropy",
+    "share_dropout2d",
     "upsample_bilinear",
 ]
+
+
+def share_dropout2d(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout2d(x, p, training)`` for this rank's share of the global batch.
+
+    ``x`` ``(b, C, …)`` holds this rank's images. Inside :func:`hpseg.distributed.batch_share`
+    with more than one process, the ``(B, C)`` channel mask of the whole global batch is drawn
+    (``F.dropout2d`` of ones: the same draw from the same stream as one process's
+    ``F.dropout2d`` of the global batch) and this rank's rows of it are applied, so a mask
+    belongs to an image, not to a rank. Otherwise exactly ``F.dropout2d``.
+    """
+    share = dist.current_share()
+    if share is None or not training or p == 0 or share.total == x.shape[0]:
+        return F.dropout2d(x, p, training)
+    noise = F.dropout2d(x.new_ones((share.total, x.shape[1], *([1] * (x.dim() - 2)))), p, True)
+    return x * noise[share.start : share.start + x.shape[0]]
 
 
 def _nonlinear(in_dim: int, dim: int) -> nn.Sequential:
@@ -50,7 +68,8 @@ class SegmentationHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats (B, F, S, S) -> code (B, D, S, S)``."""
-        return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
+        p, training = self.dropout.p, self.training
+        return self.linear(share_dropout2d(feats, p, training)) + self.nonlinear(share_dropout2d(feats, p, training))
 
 
 class EMAHead(nn.Module):
@@ -75,8 +94,8 @@ class EMAHead(nn.Module):
         authors' featurizer does for its EMA branches (any mode; default: none).
         """
         if dropout > 0:
-            return self.linear(F.dropout2d(feats, dropout, True)) + self.nonlinear(
-                F.dropout2d(feats, dropout, True)
+            return self.linear(share_dropout2d(feats, dropout, True)) + self.nonlinear(
+                share_dropout2d(feats, dropout, True)
             )
         return self.linear(feats) + self.nonlinear(feats)
 
