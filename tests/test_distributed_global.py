@@ -89,6 +89,77 @@ def test_gathered_candidates_give_the_one_process_loss_and_gradient(tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------------------
+# per-image randomness: a rank's share draws what one process draws for those images
+# ------------------------------------------------------------------------------------------
+
+
+def _as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
+    from hpseg import distributed as dist
+
+    monkeypatch.setattr(dist, "rank", lambda: rank)
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dropout_masks_belong_to_images_not_ranks(monkeypatch: pytest.MonkeyPatch, world: int) -> None:
+    from hpseg.heads import share_dropout2d
+
+    x = torch.randn(8, 16, 3, 3)
+    torch.manual_seed(5)
+    one = torch.nn.functional.dropout2d(x, 0.3, True)
+    b = 8 // world
+    for rank in range(world):
+        _as_rank(monkeypatch, rank, world)
+        from hpseg import distributed as dist
+
+        torch.manual_seed(5)  # every rank holds the same stream
+        with dist.batch_share(b):
+            share = share_dropout2d(x[rank * b : (rank + 1) * b], 0.3, True)
+        assert torch.equal(share, one[rank * b : (rank + 1) * b]), rank
+    assert not torch.equal(one[:b], one[b : 2 * b])  # the images' masks differ: a real test
+
+
+def test_pool_positions_belong_to_images_not_ranks() -> None:
+    from hpseg.hidden_positives import sample_pool_entries
+
+    x = torch.randn(8, 4, 5, 5)
+    one = sample_pool_entries(x, torch.Generator().manual_seed(2))
+    shares = [sample_pool_entries(x[r * 4 : (r + 1) * 4], torch.Generator().manual_seed(2), share=(r * 4, 8))
+              for r in range(2)]
+    assert torch.equal(torch.cat(shares), one)
+
+
+def test_global_batches_hold_the_same_images_for_any_world_size() -> None:
+    from hpseg.data.sampler import EpochSampler
+
+    def batches(world: int, start: int = 0) -> list[list[int]]:
+        ranks = []
+        for r in range(world):
+            sampler = EpochSampler(21, 8 // world, seed=3, rank=r, world=world)
+            sampler.set_epoch(1, start)
+            ranks.append(list(sampler))
+        per = 8 // world
+        out = []
+        for k in range(len(ranks[0]) // per):
+            out.append([item for rank in ranks for item in rank[k * per : (k + 1) * per]])
+        return out
+
+    one = batches(1)
+    assert len(one) == 2 and batches(2) == one and batches(4) == one  # items and augmentation seeds
+    assert batches(2, start=1) == one[1:]
+
+
+def test_candidates_setting_is_checked() -> None:
+    from hpseg.config import build_config
+    from hpseg.errors import HPSegError
+
+    assert build_config("synthetic").loss.candidates == "global"
+    assert build_config("synthetic", ["loss.candidates=local"]).loss.candidates == "local"
+    with pytest.raises(HPSegError, match="^loss.candidates must be global or local, got 'all'$"):
+        build_config("synthetic", ["loss.candidates=all"])
+
+
+# ------------------------------------------------------------------------------------------
 # training: torchrun with 2 processes vs one process
 # ------------------------------------------------------------------------------------------
 
