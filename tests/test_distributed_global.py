@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpseg.heads import probe_cross_entropy
+
 WORLD = 2
 TRAIN_IMAGES, GLOBAL_BATCH, EPOCHS = 16, 8, 2  # 2 iterations per epoch, 4 in all
 
@@ -57,13 +59,24 @@ def _loss(x: dict[str, torch.Tensor], rows: slice, path: str, candidates: str):
     return loss.detach(), z.grad, z_lhp.grad, module.stats
 
 
+def _probe_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe logits ``(B, 3, 2, 2)`` and labels ``(B, 4, 4)``, most of image 0's pixels ignored."""
+    g = torch.Generator().manual_seed(4)
+    label = torch.randint(0, 3, (IMAGES, 4, 4), generator=g)
+    label[0, :3] = -1
+    return torch.randn(IMAGES, 3, 2, 2, generator=g), label
+
+
 def _loss_worker(rank: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     x, share = _inputs(), IMAGES // WORLD * PER_IMAGE
     rows = slice(rank * share, (rank + 1) * share)
     results = {path: _loss(x, rows, path, "global") for path in ("dense", "sparse")}
     local = _loss(x, rows, "dense", "local")[0]
-    torch.save({"results": results, "local": local}, f"{out}/rank{rank}.pt")
+    logits, label = _probe_inputs()
+    mine = slice(rank * (IMAGES // WORLD), (rank + 1) * (IMAGES // WORLD))
+    probe = [probe_cross_entropy(logits[mine], label[mine], across_ranks=a) for a in (True, False)]
+    torch.save({"results": results, "local": local, "probe": probe}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -86,6 +99,10 @@ def test_gathered_candidates_give_the_one_process_loss_and_gradient(tmp_path: Pa
                 assert p[3][key] == pytest.approx(stats[key], rel=1e-12), (path, key)
     # "local": each rank's own images only — another loss
     assert not torch.allclose(sum(r["local"] for r in ranks) / WORLD, loss)
+    # the linear probe's cross-entropy: the ranks' mean is the global batch's mean over valid pixels
+    whole = probe_cross_entropy(*_probe_inputs())
+    assert torch.allclose(sum(r["probe"][0] for r in ranks) / WORLD, whole, rtol=1e-6)
+    assert not torch.allclose(sum(r["probe"][1] for r in ranks) / WORLD, whole, rtol=1e-3)  # per-rank means
 
 
 # ------------------------------------------------------------------------------------------

@@ -198,15 +198,24 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rows @ x @ cols.t()
 
 
-def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor, *, across_ranks: bool = False) -> torch.Tensor:
     """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
 
     Labels < 0 or ≥ C are ignored: the mean over the valid pixels, and 0 (with a graph) when no
     label is valid, e.g. for unlabelled folders — decided on the device, without reading anything
     back to the host, and with deterministic kernels only (:func:`upsample_bilinear`, a gather).
+
+    ``across_ranks`` (a collective in a distributed run: one all-reduce of the count): this
+    rank's sum over its valid pixels divided by the global batch's valid pixels per rank, so
+    that the mean over ranks (DDP's gradient averaging) is the global batch's mean even when the
+    ranks' images have different numbers of ignored pixels.
     """
     n_classes = logits.shape[1]
     log_p = torch.log_softmax(upsample_bilinear(logits.float(), (label.shape[-2], label.shape[-1])), dim=1)
     valid = (label >= 0) & (label < n_classes)
     nll = -log_p.gather(1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, nll, 0.0).sum() / valid.sum().clamp_min(1)
+    total = torch.where(valid, nll, 0.0).sum()
+    if across_ranks and dist.world_size() > 1:
+        count = dist.all_reduce_sum(valid.sum().to(total.dtype))
+        return total / (count.clamp_min(1) / dist.world_size())
+    return total / valid.sum().clamp_min(1)

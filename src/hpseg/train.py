@@ -176,7 +176,7 @@ class HPObjective(nn.Module):
         else:
             loss_consistency = z.new_zeros(())
         detached = code.detach()  # the probes learn on the code, never into it
-        loss_linear = probe_cross_entropy(self.linear_probe(detached), label)
+        loss_linear = probe_cross_entropy(self.linear_probe(detached), label, across_ranks=True)
         loss_cluster, _ = self.cluster_probe(detached, None)
         total = loss_hp + self.alpha * loss_consistency + loss_linear + loss_cluster
         parts = {
