@@ -176,6 +176,19 @@ def test_candidates_setting_is_checked() -> None:
         build_config("synthetic", ["loss.candidates=all"])
 
 
+def test_a_run_folder_from_before_the_setting_is_not_another_run() -> None:
+    from hpseg.checkpointing import changed_settings
+    from hpseg.config import build_config
+
+    now = build_config("synthetic").to_dict()
+    before = build_config("synthetic").to_dict()
+    del before["loss"]["candidates"]  # written by an hpseg without loss.candidates
+    assert changed_settings(before, now, finished=False) == []
+    assert changed_settings(before, now, finished=True) == []
+    local = build_config("synthetic", ["loss.candidates=local"]).to_dict()
+    assert changed_settings(local, now, finished=False) == [("loss.candidates", "local", "global")]
+
+
 # ------------------------------------------------------------------------------------------
 # training: torchrun with 2 processes vs one process
 # ------------------------------------------------------------------------------------------

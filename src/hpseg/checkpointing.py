@@ -40,6 +40,7 @@ import torch
 
 from hpseg import distributed as dist
 from hpseg.checkpoint import save_checkpoint
+from hpseg.config import Config
 from hpseg.errors import HPSegError
 from hpseg.io import atomic_torch_save, atomic_write_text, finite
 from hpseg.model import HPModel
@@ -294,7 +295,9 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any], *,
     and matter: every data/model/loss/train setting but bookkeeping (device, progress, workers…)
     for a finished run; for resuming an unfinished one, data/model/loss and the run's batch,
     epochs, seed and precision (a new ``train.max_iters`` only changes where it stops)."""
-    a, b = _flat(before), _flat(now)
+    # a setting the stored run predates (an older hpseg) counts as its default: a run folder made
+    # before loss.candidates existed is not "another setting" (one process: both values agree)
+    a, b = {**_flat(Config().to_dict()), **_flat(before)}, _flat(now)
     keys = [k for k in b if k not in _BOOKKEEPING and a.get(k) != b[k]]
     if not finished:
         keys = [k for k in keys if not k.startswith("train.") or k in _RESUME_TRAIN]
