@@ -11,7 +11,9 @@
 A run resumed from ``last.pt`` ends with the same weights as one never interrupted: data order
 and augmentation are functions of (seed, epoch, item) (:mod:`hpseg.data.sampler`), and the
 global random streams (dropout masks, negative sampling) and the pool generator are saved and
-restored. :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
+restored. With ``loss.candidates=global`` every process holds the same streams, so a run may be
+resumed on another number of processes with the same global batch, exactly; otherwise that is
+refused (``Checkpointer._stream_row``). :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
 two steps, after ``last.pt`` is written.
 
 A run folder keeps the user's work: :func:`check_run_folder` says when a folder already holds a

@@ -139,6 +139,11 @@ class HPObjective(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's total loss and its parts.
 
+        In a distributed run the tensors hold this rank's share of the global batch (``B`` of
+        ``world·B`` images): the dropout masks are the global batch's
+        (:func:`~hpseg.distributed.batch_share`) and the hidden-positive loss with
+        ``loss.candidates=global`` sees the candidates of every rank.
+
         Args:
             feats: frozen backbone features ``(B, F, S, S)``.
             attn_logits: last-block pre-softmax attention ``(B, H, 1+S², 1+S²)``.

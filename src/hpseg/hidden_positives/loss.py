@@ -29,22 +29,11 @@ to be rare; on CUDA it picks the dense path (float16 tensor-core products; the s
 there too but has not been measured on a GPU). Anchor chunks are sized from a memory budget
 (:mod:`~.budget`).
 
-Candidates across processes (``candidates``, :data:`CANDIDATES`). ``"local"``: the anchors and
-candidates are the rows given to this call. ``"global"`` (in a distributed process group of
-``w > 1`` processes): each process gives its share of the global batch — whole images, the same
-number on every rank — and keeps its anchors, while the candidates are the whole global batch:
-``z`` and ``z_lhp`` are gathered with their graph (:func:`~hpseg.distributed.all_gather_with_grad`:
-the gradient of every process's loss reaches the owner of each row), ``f`` and ``s`` in the
-products' dtype, the pool thresholds (computed by each process for its rows) as they are. This
-process's anchors are then the contiguous row range ``[rank·n, (rank+1)·n)`` of the gathered
-arrays, and everything below runs on that range: the chunk loop over its images, the sparse
-path's positive pairs of those rows (:func:`~.masks.positive_pair_keys` with ``rows``), the
-negatives keyed by the *global* image index. Per-anchor and per-image normalisations are within
-an image, the images' mean is over the global batch (the scale uses the global number of
-images), and the value returned is ``w ×`` this process's share of the global loss: the mean
-over processes — which DistributedDataParallel's gradient averaging takes — is the loss of one
-process with the global batch, and so is the gradient. The loss's work per process is
-``(N / w) × N``. Another evaluation path needs only the anchor range (``_LossOptions.anchor_images``).
+Candidates across processes (``candidates``): ``"local"`` — the rows given are the batch;
+``"global"`` — in a process group, the rows given are this process's share of a global batch,
+its anchors, against the candidates of the whole global batch (:mod:`~.candidates`): the chunk
+loop below runs over the anchors' row range only (``_LossOptions.anchor_images``; another
+evaluation path needs only that range), and the value is ``world ×`` the share.
 
 The kept negatives are a pure function of ``(seed, step, image, anchor, candidate)``
 (:mod:`~.negatives`): the same on every device, chunking, path and number of processes. Nothing in a forward or backward
@@ -55,7 +44,6 @@ reads a value back to the host on the dense path: the batch statistics stay on t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +54,12 @@ from torch.autograd.function import once_differentiable
 from hpseg import distributed as dist
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
+from hpseg.hidden_positives.candidates import (
+    CANDIDATES,
+    gather_candidates,
+    summed_over_ranks,
+    use_global_candidates,
+)
 from hpseg.hidden_positives.dense import anchor_coefficients, compiled_dense_chunk_terms, dense_chunk_terms
 from hpseg.hidden_positives.inputs import check_loss_inputs
 from hpseg.hidden_positives.negatives import negative_keep_mask, negative_keys
@@ -83,8 +77,6 @@ log = logging.getLogger(__name__)
 BASE_TEMPERATURE = 0.07
 #: Former fixed anchor chunk (images); now chosen from ``memory_gb`` unless ``chunk_images`` is given.
 DEFAULT_CHUNK_IMAGES = 8
-#: Which candidates an anchor sees in a distributed run (module docstring).
-CANDIDATES = ("local", "global")
 
 def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
     """Weight λ of task-specific positives at training iteration ``it`` (docs/method.md §5).
@@ -259,27 +251,6 @@ class _HiddenPositiveLoss(torch.autograd.Function):
         return grad_z, grad_z_lhp, None, None, None, None, None, None
 
 
-def _candidates(
-    z: torch.Tensor, z_lhp: torch.Tensor, f: torch.Tensor, s: torch.Tensor, r_ag: torch.Tensor, r_sp: torch.Tensor,
-    num_images: int, dtype: torch.dtype,
-) -> tuple[tuple[torch.Tensor, ...], int, tuple[int, int], int]:
-    """The global batch's candidates from every process's share (module docstring):
-    ``((z, z_lhp, f, s, r_ag, r_sp) gathered, images, this process's anchor images, world)``.
-
-    ``z``, ``z_lhp`` keep their graph; ``f`` and ``s`` travel in the products' dtype (they enter
-    nothing else, so the result is the same bits); the thresholds as float32.
-    """
-    world, rank = dist.world_size(), dist.rank()
-    gathered = (
-        dist.all_gather_with_grad(z),
-        dist.all_gather_with_grad(z_lhp),
-        dist.all_gather_cat(f.to(dtype)),
-        dist.all_gather_cat(s.to(dtype)),
-        *dist.all_gather_cat(torch.stack([r_ag, r_sp], dim=1)).unbind(1),
-    )
-    return gathered, num_images * world, (rank * num_images, (rank + 1) * num_images), world
-
-
 # ------------------------------------------------------------------------------------------
 # validation, functional form and module
 # ------------------------------------------------------------------------------------------
@@ -311,7 +282,7 @@ def _hidden_positive_loss(
     """The loss and its raw batch statistics (:func:`loss_stats`); the one implementation."""
     if candidates not in CANDIDATES:
         raise HPSegError(f"hidden_positive_loss: candidates must be local or global, got {candidates!r}")
-    gather = candidates == "global" and dist.world_size() > 1
+    gather = use_global_candidates(candidates)
     keep_rows = z.shape[0] * dist.world_size() if gather else None
     check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
                        lam, rho, chunk_images, memory_gb, path, keep_rows=keep_rows)
@@ -324,7 +295,7 @@ def _hidden_positive_loss(
     inputs: tuple[torch.Tensor, ...] = (z, z_lhp, f, s, r_ag, r_sp)
     images, anchors, world = num_images, (0, num_images), 1
     if gather:
-        inputs, images, anchors, world = _candidates(z, z_lhp, f, s, r_ag, r_sp, num_images, dtype)
+        inputs, images, anchors, world = gather_candidates(z, z_lhp, f, s, r_ag, r_sp, num_images, dtype)
     opt = _LossOptions(
         num_images=images,
         anchor_images=anchors,
@@ -464,19 +435,6 @@ def loss_stats(raw: dict[str, Any]) -> dict[str, Any]:
         "path": raw["path"],
         "chunk_images": raw["chunk_images"],
     }
-
-
-def summed_over_ranks(raw: dict[str, Any]) -> dict[str, Any]:
-    """The raw record of the global batch from every process's share (a collective: every rank
-    must call it; one small all-reduce). Records of a single process are returned as they are."""
-    if not raw or not raw.get("distributed"):
-        return raw
-    pairs = raw["kept_pairs"]
-    extra = [float("nan") if pairs is None else float(pairs), float(raw["anchors"])]
-    total = dist.all_reduce_sum(torch.cat([raw["counts"], raw["counts"].new_tensor(extra)]))
-    pairs_sum, anchors = total[5:].tolist()
-    return {**raw, "counts": total[:5], "anchors": int(anchors),
-            "kept_pairs": None if math.isnan(pairs_sum) else int(pairs_sum), "distributed": False}
 
 
 class HiddenPositiveLoss(nn.Module):
