@@ -48,10 +48,12 @@ HPSEG_DIR = str(Path(hpseg.__file__).resolve().parent)
 
 
 def _caller() -> str:
-    """The class of the first hpseg frame up the stack (skipping torch's Dropout2d.forward)."""
+    """The class of the first hpseg frame up the stack (skipping torch's Dropout2d.forward and
+    hpseg's ``share_dropout2d``, which passes the call on)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if str(Path(frame.f_code.co_filename).resolve()).startswith(HPSEG_DIR):
+        in_hpseg = str(Path(frame.f_code.co_filename).resolve()).startswith(HPSEG_DIR)
+        if in_hpseg and frame.f_code.co_name != "share_dropout2d":
             owner = frame.f_locals.get("self")
             return type(owner).__name__ if owner is not None else frame.f_code.co_name
         frame = frame.f_back  # type: ignore[assignment]

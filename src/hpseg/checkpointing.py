@@ -11,7 +11,9 @@
 A run resumed from ``last.pt`` ends with the same weights as one never interrupted: data order
 and augmentation are functions of (seed, epoch, item) (:mod:`hpseg.data.sampler`), and the
 global random streams (dropout masks, negative sampling) and the pool generator are saved and
-restored. :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
+restored. With ``loss.candidates=global`` every process holds the same streams, so a run may be
+resumed on another number of processes with the same global batch, exactly; otherwise that is
+refused (``Checkpointer._stream_row``). :func:`stop_on_signals` turns SIGINT/SIGTERM (pre-emption) into a clean stop between
 two steps, after ``last.pt`` is written.
 
 A run folder keeps the user's work: :func:`check_run_folder` says when a folder already holds a
@@ -48,6 +50,7 @@ import torch
 
 from hpseg import distributed as dist
 from hpseg.checkpoint import save_checkpoint
+from hpseg.config import Config
 from hpseg.errors import HPSegError
 from hpseg.io import atomic_torch_save, atomic_write_text, finite, safe_torch_load, write_error
 from hpseg.model import HPModel
@@ -281,20 +284,44 @@ class Checkpointer:
         if ckpt.get("format_version") != LAST_FORMAT_VERSION:
             raise HPSegError(f"{self.last_path} was written by another hpseg version and cannot resume exactly: "
                              "delete it to start over (or use that version)")
-        device, rank = self.runtime.device, self.runtime.rank
+        device = self.runtime.device
+        row = self._stream_row(ckpt)
         model.load_state_dict(ckpt["model"])
         optimizers.load_state_dict(ckpt["optimizers"])
         scaler.load_state_dict(ckpt["scaler"])
         pool_state = dict(ckpt["pools"])
-        pool_state["generator"] = pool_state["generator"][rank]
+        # .clone(): a row of the (world, …) state tensor is a view at an offset, which
+        # Generator.set_state / set_rng_state do not accept (a segmentation fault in torch 2.14)
+        pool_state["generator"] = pool_state["generator"][row].clone()
         pools.load_state_dict(pool_state, device)
         state.load_state_dict(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["cpu"][rank])
+        torch.set_rng_state(ckpt["rng"]["cpu"][row].clone())
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank], device)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][row].clone(), device)
         self._truncate_log(state.iteration)
         self.saved_at = state.iteration
         return True
+
+    def _stream_row(self, ckpt: dict[str, Any]) -> int:
+        """The row of ``last.pt``'s per-process random streams this process restores.
+
+        The same number of processes: its own. Another number (the same global batch): with
+        ``loss.candidates=global`` every process held the same streams (docs/method.md,
+        "Randomness and the number of processes") and the run continues exactly as the
+        interrupted one would have — row 0 for every process; otherwise refused.
+        """
+        saved, world = int(ckpt["rng"]["cpu"].shape[0]), self.runtime.world_size
+        if saved == world:
+            return self.runtime.rank
+        candidates = (ckpt.get("config") or {}).get("loss", {}).get("candidates", "local")
+        streams = [ckpt["rng"][k] for k in sorted(ckpt["rng"])] + [ckpt["pools"]["generator"]]
+        if candidates != "global" or not all(bool((t == t[:1]).all()) for t in streams):
+            how = "loss.candidates=local" if candidates != "global" else "per-process random streams"
+            raise HPSegError(f"{self.last_path} was written by {saved} process(es) and this run has {world}: "
+                             f"its training depends on the number of processes ({how}); resume it with "
+                             f"{saved} (torchrun --nproc_per_node={saved}) or train into a new folder")
+        log.info("resuming a run of %d process(es) with %d: the same global batch, the same training", saved, world)
+        return 0
 
     # -- model checkpoints -----------------------------------------------------------------------
     def _save_model(self, name: str, model: HPModel, metrics: dict[str, Any] | None, iteration: int) -> None:
@@ -398,7 +425,9 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any], *,
     and matter: every data/model/loss/train setting but bookkeeping (device, progress, workers…)
     for a finished run; for resuming an unfinished one, data/model/loss and the run's batch,
     epochs, seed and precision (a new ``train.max_iters`` only changes where it stops)."""
-    a, b = _flat(before), _flat(now)
+    # a setting the stored run predates (an older hpseg) counts as its default: a run folder made
+    # before loss.candidates existed is not "another setting" (one process: both values agree)
+    a, b = {**_flat(Config().to_dict()), **_flat(before)}, _flat(now)
     keys = [k for k in b if k not in _BOOKKEEPING and a.get(k) != b[k]]
     if not finished:
         keys = [k for k in keys if not k.startswith("train.") or k in _RESUME_TRAIN]

@@ -33,6 +33,8 @@ DATASETS = ("cocostuff27", "cityscapes27", "potsdam3", "folder", "synthetic")
 PAPER_DATASETS = ("cocostuff27", "cityscapes27", "potsdam3")
 #: numeric precisions of ``train.precision`` (see :mod:`hpseg.runtime`)
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+#: which candidates an anchor sees in a multi-process run (``loss.candidates``; README "Multi-GPU")
+CANDIDATES = ("global", "local")
 
 
 @dataclass
@@ -90,6 +92,9 @@ class LossConfig:
     chunk_images: int | None = None  # anchor images per chunk of the loss; None: from memory_gb
     compile: bool = False  # torch.compile the dense path's chunk (fused kernels; for GPUs, see RESULTS.md)
     path: str = "auto"  # how the loss is evaluated: auto, dense, sparse or fused (same values; speed only)
+    # multi-process runs: "global" — every anchor sees the candidates of the whole global batch (the
+    # paper's loss; equals one process); "local" — only its own process's share (less communication)
+    candidates: str = "global"
 
 
 @dataclass
@@ -344,6 +349,7 @@ def validate(cfg: Config) -> None:
         (lo.memory_gb is None or lo.memory_gb > 0, "loss.memory_gb must be positive"),
         (lo.path in ("auto", "dense", "sparse", "fused"),
          f"loss.path must be auto, dense, sparse or fused, got {lo.path!r}"),
+        (lo.candidates in CANDIDATES, f"loss.candidates must be global or local, got {lo.candidates!r}"),
         (m.dim >= 1, "model.dim must be at least 1"),
         (m.n_clusters is None or m.n_clusters >= 1, "model.n_clusters must be at least 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must lie in [0, 1)"),

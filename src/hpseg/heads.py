@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpseg import distributed as dist
 from hpseg.config import ModelConfig
 from hpseg.errors import HPSegError
 
@@ -25,8 +26,25 @@ __all__ = [
     "ProjectionHead",
     "SegmentationHead",
     "probe_cross_entropy",
+    "share_dropout2d",
     "upsample_bilinear",
 ]
+
+
+def share_dropout2d(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout2d(x, p, training)`` for this rank's share of the global batch.
+
+    ``x`` ``(b, C, …)`` holds this rank's images. Inside :func:`hpseg.distributed.batch_share`
+    with more than one process, the ``(B, C)`` channel mask of the whole global batch is drawn
+    (``F.dropout2d`` of ones: the same draw from the same stream as one process's
+    ``F.dropout2d`` of the global batch) and this rank's rows of it are applied, so a mask
+    belongs to an image, not to a rank. Otherwise exactly ``F.dropout2d``.
+    """
+    share = dist.current_share()
+    if share is None or not training or p == 0 or share.total == x.shape[0]:
+        return F.dropout2d(x, p, training)
+    noise = F.dropout2d(x.new_ones((share.total, x.shape[1], *([1] * (x.dim() - 2)))), p, True)
+    return x * noise[share.start : share.start + x.shape[0]]
 
 
 def _nonlinear(in_dim: int, dim: int) -> nn.Sequential:
@@ -50,7 +68,8 @@ class SegmentationHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats (B, F, S, S) -> code (B, D, S, S)``."""
-        return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
+        p, training = self.dropout.p, self.training
+        return self.linear(share_dropout2d(feats, p, training)) + self.nonlinear(share_dropout2d(feats, p, training))
 
 
 class EMAHead(nn.Module):
@@ -75,8 +94,8 @@ class EMAHead(nn.Module):
         authors' featurizer does for its EMA branches (any mode; default: none).
         """
         if dropout > 0:
-            return self.linear(F.dropout2d(feats, dropout, True)) + self.nonlinear(
-                F.dropout2d(feats, dropout, True)
+            return self.linear(share_dropout2d(feats, dropout, True)) + self.nonlinear(
+                share_dropout2d(feats, dropout, True)
             )
         return self.linear(feats) + self.nonlinear(feats)
 
@@ -179,15 +198,24 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rows @ x @ cols.t()
 
 
-def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def probe_cross_entropy(logits: torch.Tensor, label: torch.Tensor, *, across_ranks: bool = False) -> torch.Tensor:
     """Cross-entropy of probe logits ``(B,C,h,w)`` upsampled to the labels ``(B,H,W)``.
 
     Labels < 0 or ≥ C are ignored: the mean over the valid pixels, and 0 (with a graph) when no
     label is valid, e.g. for unlabelled folders — decided on the device, without reading anything
     back to the host, and with deterministic kernels only (:func:`upsample_bilinear`, a gather).
+
+    ``across_ranks`` (a collective in a distributed run: one all-reduce of the count): this
+    rank's sum over its valid pixels divided by the global batch's valid pixels per rank, so
+    that the mean over ranks (DDP's gradient averaging) is the global batch's mean even when the
+    ranks' images have different numbers of ignored pixels.
     """
     n_classes = logits.shape[1]
     log_p = torch.log_softmax(upsample_bilinear(logits.float(), (label.shape[-2], label.shape[-1])), dim=1)
     valid = (label >= 0) & (label < n_classes)
     nll = -log_p.gather(1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, nll, 0.0).sum() / valid.sum().clamp_min(1)
+    total = torch.where(valid, nll, 0.0).sum()
+    if across_ranks and dist.world_size() > 1:
+        count = dist.all_reduce_sum(valid.sum().to(total.dtype))
+        return total / (count.clamp_min(1) / dist.world_size())
+    return total / valid.sum().clamp_min(1)

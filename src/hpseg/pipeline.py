@@ -307,7 +307,7 @@ def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) ->
     from hpseg.schedule import fit_schedule
 
     runtime = runtime or build_runtime(cfg)
-    seed_everything(cfg.train.seed + runtime.rank)
+    seed_everything(cfg.train.seed)  # every rank alike: one model, random backbones included, and one stream
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
     cfg = fit_schedule(cfg, len(train_set), len(val_set), runtime.world_size).config  # type: ignore[arg-type]

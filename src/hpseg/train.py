@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from hpseg import distributed as dist
 from hpseg.checkpointing import Checkpointer, TrainState, stop_on_signals
 from hpseg.config import LossConfig, TrainConfig
-from hpseg.data.sampler import EpochSampler, SeededItems
+from hpseg.data.plan import DataPlan
 from hpseg.errors import HPSegError
-from hpseg.heads import probe_cross_entropy, upsample_bilinear
+from hpseg.heads import probe_cross_entropy, share_dropout2d, upsample_bilinear
 from hpseg.hidden_positives import (
     HiddenPositiveLoss,
     consistency_loss,
@@ -47,13 +46,13 @@ from hpseg.hidden_positives import (
     sample_pool_entries,
 )
 from hpseg.model import HPModel
-from hpseg.preemption import QuietWorkersLoader
 from hpseg.runtime import Runtime, eval_mode
 from hpseg.viz import save_figure, training_curve_figure
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DataPlan",
     "HPObjective",
     "Optimizers",
     "ReferencePools",
@@ -74,10 +73,12 @@ __all__ = [
 Validator = Callable[[HPModel, "ReferencePools"], dict[str, Any]]
 
 
-def negatives_seed(seed: int, rank: int) -> int:
-    """The seed of the loss's negatives draw for process ``rank`` of a run seeded ``seed`` (each
-    rank's images draw their own negatives; the step number is the draw's other key)."""
-    return int(seed) + (int(rank) << 32)
+def negatives_seed(seed: int, rank: int, candidates: str = "local") -> int:
+    """The seed of the loss's negatives draw for process ``rank`` of a run seeded ``seed`` (the
+    step number is the draw's other key). ``loss.candidates=global``: ``seed`` on every rank —
+    the draw is keyed by the global image index, so it is one process's draw; ``local``: each
+    rank's images draw their own negatives (rank 0's seed is ``seed``)."""
+    return int(seed) if candidates == "global" else int(seed) + (int(rank) << 32)
 
 
 def flatten_patches(x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +121,9 @@ class HPObjective(nn.Module):
         self.alpha, self.sigma, self.dropout = float(alpha), float(sigma), float(model.spec.dropout)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Dropout2d on backbone features / codes (training only, a fresh mask per call)."""
-        return F.dropout2d(x, self.dropout, self.training)
+        """Dropout2d on backbone features / codes (training only, a fresh mask per call; in a
+        distributed run the masks of the global batch, :func:`~hpseg.heads.share_dropout2d`)."""
+        return share_dropout2d(x, self.dropout, self.training)
 
     def forward(
         self,
@@ -137,6 +139,11 @@ class HPObjective(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's total loss and its parts.
 
+        In a distributed run the tensors hold this rank's share of the global batch (``B`` of
+        ``world·B`` images): the dropout masks are the global batch's
+        (:func:`~hpseg.distributed.batch_share`) and the hidden-positive loss with
+        ``loss.candidates=global`` sees the candidates of every rank.
+
         Args:
             feats: frozen backbone features ``(B, F, S, S)``.
             attn_logits: last-block pre-softmax attention ``(B, H, 1+S², 1+S²)``.
@@ -147,6 +154,15 @@ class HPObjective(nn.Module):
             negative_keep: explicit ``(N, N)`` denominator draw (parity tests); None draws.
             step: the training iteration (the negatives draw is a function of the loss's seed and it).
         """
+        with dist.batch_share(feats.shape[0]):  # dropout masks of the global batch, this rank's rows
+            return self._forward(feats, attn_logits, feats_aug, label, pool_agnostic, pool_specific, lam,
+                                 negative_keep, step)
+
+    def _forward(
+        self, feats: torch.Tensor, attn_logits: torch.Tensor, feats_aug: torch.Tensor, label: torch.Tensor,
+        pool_agnostic: torch.Tensor, pool_specific: torch.Tensor, lam: float, negative_keep: torch.Tensor | None,
+        step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         code = self.head(feats)  # (B,D,S,S), each branch its own dropout
         with torch.no_grad():
             code_ema = self.drop(self.ema_head(feats, dropout=self.dropout if self.training else 0.0))
@@ -165,7 +181,7 @@ class HPObjective(nn.Module):
         else:
             loss_consistency = z.new_zeros(())
         detached = code.detach()  # the probes learn on the code, never into it
-        loss_linear = probe_cross_entropy(self.linear_probe(detached), label)
+        loss_linear = probe_cross_entropy(self.linear_probe(detached), label, across_ranks=True)
         loss_cluster, _ = self.cluster_probe(detached, None)
         total = loss_hp + self.alpha * loss_consistency + loss_linear + loss_cluster
         parts = {
@@ -263,10 +279,17 @@ class StepOutput:
         """Whether the loss is finite (a bool tensor; the loop checks it when it logs or saves)."""
         return torch.isfinite(self.loss)
 
-    def values(self) -> dict[str, float]:
-        """``loss``, the parts and ``grad_norm`` as Python floats (one read from the device)."""
+    def values(self, mean_over_ranks: bool = False) -> dict[str, float]:
+        """``loss``, the parts and ``grad_norm`` as Python floats (one read from the device).
+
+        ``mean_over_ranks`` (a collective: every rank must ask): their means over the processes
+        — with ``loss.candidates=global`` the loss of one process with the global batch (each
+        rank's hidden-positive loss is ``world ×`` its share, :func:`~hpseg.hidden_positives.hidden_positive_loss`).
+        """
         names = ["loss", *self.parts, "grad_norm"]
         flat = torch.stack([self.loss.float(), *(v.float() for v in self.parts.values()), self.grad_norm.float()])
+        if mean_over_ranks:
+            flat = dist.all_reduce_mean(flat)
         return dict(zip(names, flat.tolist()))
 
 
@@ -341,7 +364,9 @@ class ReferencePools:
 
     ``loader`` yields training batches in a fresh order per call of :meth:`renew_specific`
     (an :class:`~hpseg.data.sampler.EpochSampler` epoch per renewal). In distributed runs every
-    rank contributes ``size / world`` images and the gathered pools are identical everywhere.
+    rank reads its share of the same global batches, draws the dropout masks and patch positions
+    of the whole global batch (``generator`` seeded alike on every rank) and uses its rows; the
+    gathered pools, in global-batch order, are identical everywhere and equal one process's.
     """
 
     def __init__(self, size: int, dropout: float, generator: torch.Generator) -> None:
@@ -352,7 +377,6 @@ class ReferencePools:
     @torch.no_grad()
     def collect(self, model: HPModel, batches: Iterable[dict[str, Any]], runtime: Runtime, which: str) -> torch.Tensor:
         """One pool (``which``: ``"agnostic"`` or ``"specific"``) from ``batches``."""
-        per_rank = math.ceil(self.size / runtime.world_size)
         rows: list[torch.Tensor] = []
         for batch in batches:
             with runtime.autocast():
@@ -360,21 +384,22 @@ class ReferencePools:
                     feats = batch["feats"].to(runtime.device, non_blocking=True).float()
                 else:
                     feats = model.backbone.features(batch["img"].to(runtime.device, non_blocking=True))
-                if which == "specific":  # Dropout2d(ema_head(·)) with a mask per EMA branch, as the authors
-                    x = F.dropout2d(model.ema_head(feats, dropout=self.dropout), self.dropout, True)
-                else:
-                    x = F.dropout2d(feats, self.dropout, True)
-            rows.append(sample_pool_entries(x.float(), generator=self.generator))
-            if sum(r.shape[0] for r in rows) >= per_rank:
+                with dist.batch_share(feats.shape[0]) as share:
+                    if which == "specific":  # Dropout2d(ema_head(·)) with a mask per EMA branch, as the authors
+                        x = share_dropout2d(model.ema_head(feats, dropout=self.dropout), self.dropout, True)
+                    else:
+                        x = share_dropout2d(feats, self.dropout, True)
+            shared = {"share": (share.start, share.total)} if share.total > share.size else {}
+            rows.append(sample_pool_entries(x.float(), generator=self.generator, **shared))
+            if len(rows) * share.total >= self.size:  # the same number of global batches on every rank
                 break
         if not rows:
             raise HPSegError("the training set yielded no images for the reference pools: check the data")
-        pool = torch.cat(rows)[:per_rank]
-        if runtime.world_size > 1:
-            if pool.shape[0] < per_rank:  # ranks may hold fewer images at the very end of small datasets
-                pool = torch.cat([pool, pool[torch.arange(per_rank - pool.shape[0], device=pool.device) % pool.shape[0]]])
-            pool = dist.all_gather_cat(pool)[: self.size]
-        return pool
+        pool = torch.cat(rows)
+        if runtime.world_size > 1:  # (world, batches, b, C) → global-batch order, as one process collects
+            pool = dist.all_gather_cat(pool).view(runtime.world_size, len(rows), -1, pool.shape[1])
+            pool = pool.transpose(0, 1).reshape(-1, pool.shape[3])
+        return pool[: self.size]
 
     def build(self, model: HPModel, batches: Callable[[int], Iterable[dict[str, Any]]], runtime: Runtime) -> None:
         """Both pools, at the start of training (``batches(k)`` yields the k-th pass)."""
@@ -397,61 +422,6 @@ class ReferencePools:
 # ------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------
-
-
-def _loader(dataset: Dataset[Any], sampler: EpochSampler, batch: int, workers: int, runtime: Runtime) -> DataLoader:
-    """A loader over ``(index, augmentation seed)`` keys; its own generator keeps the global
-    random stream untouched (exact resume); its workers leave stop signals to the main process."""
-    return QuietWorkersLoader(SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers,
-                              drop_last=True, pin_memory=runtime.device.type == "cuda",
-                              generator=torch.Generator().manual_seed(0))
-
-
-@dataclass
-class DataPlan:
-    """The data side of a run: the training loader (one seeded order per epoch), the passes
-    the reference pools are built from, and the counts."""
-
-    sampler: EpochSampler
-    loader: DataLoader
-    pool_sampler: EpochSampler
-    pool_loader: DataLoader
-    per_rank: int
-    iters_per_epoch: int
-    max_iters: int
-
-    @classmethod
-    def create(cls, train_set: Dataset[Any], train: TrainConfig, runtime: Runtime, num_workers: int) -> DataPlan:
-        n = len(train_set)  # type: ignore[arg-type]
-        per_rank = train.batch_size // runtime.world_size
-        if train.batch_size % runtime.world_size or per_rank < 2:
-            raise HPSegError(f"train.batch_size={train.batch_size} is not divisible into {runtime.world_size} "
-                             f"shares of at least 2 images: use a multiple of {runtime.world_size} (each process "
-                             "takes batch_size / processes images)")
-        sampler = EpochSampler(n, per_rank, train.seed, runtime.rank, runtime.world_size)
-        per_epoch = sampler.batches_per_epoch()
-        if n < 2 * runtime.world_size:
-            raise HPSegError(f"training needs at least two images{' per process' if runtime.world_size > 1 else ''} "
-                             f"(positives are mined across images) but the training set has {n}: add images")
-        if per_epoch < 1:
-            raise HPSegError(f"the training set has {n} images, fewer than one batch of {train.batch_size}: "
-                             f"set train.batch_size={n // runtime.world_size * runtime.world_size} or lower")
-        max_iters = per_epoch * train.epochs if train.max_iters is None else min(per_epoch * train.epochs,
-                                                                                  train.max_iters)
-        pool_sampler = EpochSampler(n, per_rank, train.seed + 1, runtime.rank, runtime.world_size)
-        return cls(sampler, _loader(train_set, sampler, per_rank, num_workers, runtime), pool_sampler,
-                   _loader(train_set, pool_sampler, per_rank, num_workers, runtime), per_rank, per_epoch, max_iters)
-
-    def pool_pass(self, k: int) -> Iterator[dict[str, Any]]:
-        """The ``k``-th pass over the training images for the pools (a fresh order each time)."""
-        self.pool_sampler.set_epoch(k)
-        return iter(self.pool_loader)
-
-    def epoch(self, iteration: int) -> tuple[int, Iterator[dict[str, Any]]]:
-        """``(epoch, batches)`` from global ``iteration`` on (mid-epoch when resuming)."""
-        epoch, start = divmod(iteration, self.iters_per_epoch)
-        self.sampler.set_epoch(epoch, start)
-        return epoch, iter(self.loader)
 
 
 def fit(
@@ -479,8 +449,10 @@ def fit(
     if pool_size < loss.pool_size:
         log.info("reference pools capped at %d entries: the training set has %d images (loss.pool_size=%d)",
                  pool_size, n_train, loss.pool_size)
-    pools = ReferencePools(pool_size, model.spec.dropout,
-                           torch.Generator().manual_seed(train.seed + 7919 * (runtime.rank + 1)))
+    # one stream for every rank: the pools' patch positions and the dropout masks are drawn for the
+    # global batch (docs/method.md, "Randomness and the number of processes")
+    pools = ReferencePools(pool_size, model.spec.dropout, torch.Generator().manual_seed(train.seed + 7919))
+    dist.broadcast_rng_state(runtime.device)
 
     model.to(runtime.device)
     hp_loss, step_module = _objective(model, loss, train.seed, runtime)
@@ -523,7 +495,7 @@ def fit(
                     progress.update(1)
                 if it % train.log_freq == 0 or it + 1 == max_iters:  # the only reads from the device
                     check_finite(first_bad, out)
-                    values = out.values()
+                    values = out.values(mean_over_ranks=True)
                     if progress is not None:
                         progress.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{lam:.2f}")
                     ckpt.log({"iteration": it, "epoch": epoch, **values, "lambda": lam,
@@ -557,7 +529,8 @@ def _objective(model: HPModel, loss: LossConfig, seed: int, runtime: Runtime) ->
     """The loss module and the step module (:class:`HPObjective`, wrapped by DDP when distributed)."""
     hp_loss = HiddenPositiveLoss(loss.tau, loss.rho, reweight=loss.reweight, memory_gb=loss.memory_gb,
                                  chunk_images=loss.chunk_images, path=loss.path, matmul_dtype=runtime.matmul_dtype,
-                                 seed=negatives_seed(seed, runtime.rank), compile_chunks=loss.compile)
+                                 seed=negatives_seed(seed, runtime.rank, loss.candidates), compile_chunks=loss.compile,
+                                 candidates=loss.candidates)
     objective = HPObjective(model, hp_loss, alpha=loss.alpha, sigma=loss.sigma)
     if runtime.world_size == 1:
         return hp_loss, objective
@@ -589,3 +562,4 @@ def _validate(model: HPModel, pools: ReferencePools, validate: Validator | None,
                                 if isinstance(v, (int, float))))
         ckpt.log(record)
     dist.barrier()
+    dist.broadcast_rng_state(ckpt.runtime.device)  # whatever rank 0's validation drew, one stream again

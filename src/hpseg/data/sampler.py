@@ -1,7 +1,9 @@
 """Data order and augmentation randomness that a resumed run replays exactly.
 
-:class:`EpochSampler` draws one seeded permutation per epoch (split across distributed ranks)
-and can start in the middle of an epoch; with every index it yields an *augmentation seed*
+:class:`EpochSampler` draws one seeded permutation per epoch, cuts it into global batches (each
+split across distributed ranks: rank ``r`` of ``w`` takes images ``[r·b, (r+1)·b)`` of every
+global batch of ``w·b``, so global batch ``k`` holds the same images whatever the number of
+processes) and can start in the middle of an epoch; with every index it yields an *augmentation seed*
 drawn from the same per-epoch generator. :class:`SeededItems` wraps a dataset so that item
 ``(index, seed)`` is produced with the CPU random generator seeded by ``seed`` (and restored
 afterwards). The photometric augmentation of an item therefore depends only on the run's seed,
@@ -23,8 +25,9 @@ _SEED_RANGE = 2**62
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, augmentation seed)`` pairs: a seeded permutation per epoch, split across
-    ranks, starting at any batch of the epoch.
+    """Yields ``(index, augmentation seed)`` pairs: a seeded permutation per epoch, cut into global
+    batches of ``batch_size · world`` images of which this rank takes its share (``batch_size``
+    images, rows ``[rank·batch_size, (rank+1)·batch_size)``), starting at any batch of the epoch.
 
     Resuming at batch ``k`` of an epoch replays exactly the items (and augmentation seeds) the
     interrupted run would have seen next, without loading the skipped images. Incomplete
@@ -37,8 +40,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.start_batch = 0
 
     def batches_per_epoch(self) -> int:
-        """Full batches each rank sees per epoch."""
-        return (self.n // self.world) // self.batch_size
+        """Full (global) batches per epoch: each rank sees its share of each."""
+        return self.n // (self.batch_size * self.world)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch's permutation and the first batch to yield."""
@@ -48,10 +51,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         seeds = torch.randint(_SEED_RANGE, (self.n,), generator=g)
-        per_rank = self.n // self.world
-        mine = perm[self.rank * per_rank : (self.rank + 1) * per_rank]
-        usable = self.batches_per_epoch() * self.batch_size
-        chosen = mine[self.start_batch * self.batch_size : usable]
+        batches = self.batches_per_epoch()
+        shares = perm[: batches * self.batch_size * self.world].view(batches, self.world, self.batch_size)
+        chosen = shares[self.start_batch :, self.rank].reshape(-1)
         return iter(zip(chosen.tolist(), seeds[chosen].tolist()))
 
     def __len__(self) -> int:

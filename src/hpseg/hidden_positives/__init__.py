@@ -30,6 +30,7 @@ from hpseg.hidden_positives.local import (
 )
 from hpseg.hidden_positives.loss import (
     BASE_TEMPERATURE,
+    CANDIDATES,
     DEFAULT_CHUNK_IMAGES,
     PATHS,
     HiddenPositiveLoss,
@@ -43,6 +44,7 @@ from hpseg.hidden_positives.pools import pool_thresholds, sample_pool, sample_po
 
 __all__ = [
     "BASE_TEMPERATURE",
+    "CANDIDATES",
     "DEFAULT_CHUNK_IMAGES",
     "LHP_QUANTILES",
     "PATHS",

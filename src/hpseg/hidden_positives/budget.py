@@ -141,6 +141,7 @@ def plan_batch(
     memory_bytes: float,
     chunk_images: int | None,
     matmul_dtype: torch.dtype,
+    anchor_rows: slice | None = None,
 ) -> LossPlan:
     """Choose the path and the anchor chunk for one batch (see the module docstring).
 
@@ -150,23 +151,29 @@ def plan_batch(
         negative_keep: explicit ``(N, N)`` keep matrix, or None for Bernoulli(``rho``).
         with_specific: whether task-specific positives are needed (λ ≠ 0).
         memory_bytes: the working-set budget. chunk_images: an explicit chunk (overrides it).
+        anchor_rows: the anchors, whole images of the ``N`` candidates (a process's share of a
+            global batch); None: all ``N`` (``num_images`` counts the candidates' images).
     """
     n = f.shape[0]
     per_image = n // num_images
+    rows = anchor_rows if anchor_rows is not None else slice(0, n)
+    m, triangle = rows.stop - rows.start, rows.stop - rows.start == n
+    anchor_images = m // per_image
     chosen = resolve_path(path, rho, negative_keep, f.device)
     agnostic_keys = specific_keys = None
     pairs_per_row = 0.0
     if chosen == "sparse":
-        budget_pairs = int(memory_bytes // 64)  # batch-wide lists: ~32 B per unordered pair
+        # batch-wide lists: ~32 B per unordered pair of the triangle, ~16 B per ordered pair of a share
+        budget_pairs = int(memory_bytes // (64 if triangle else 32))
         keep_density = rho if negative_keep is None else 0.0
-        density_pairs = int(max(0.0, SPARSE_MAX_PAIR_DENSITY - keep_density) * n * n / 4)
+        density_pairs = int(max(0.0, SPARSE_MAX_PAIR_DENSITY - keep_density) * m * n / (4 if triangle else 2))
         cap = None if path == "sparse" else min(budget_pairs, density_pairs)
         tile_rows = int(max(16, min(TILE_ROWS, memory_bytes / 4 // (n * 8))))
         agnostic_keys = positive_pair_keys(f, thresholds[0], tile_rows=tile_rows, matmul_dtype=matmul_dtype,
-                                           max_pairs=cap)
+                                           max_pairs=cap, rows=rows)
         if agnostic_keys is not None and with_specific:
             specific_keys = positive_pair_keys(s, thresholds[1], tile_rows=tile_rows, matmul_dtype=matmul_dtype,
-                                               max_pairs=cap)
+                                               max_pairs=cap, rows=rows)
             if specific_keys is None:
                 agnostic_keys = None
         if agnostic_keys is None:
@@ -175,15 +182,15 @@ def plan_batch(
         else:
             keep_per_row = float(negative_keep.count_nonzero()) / n if negative_keep is not None else rho * (n - 1)
             positives = agnostic_keys.numel() + (specific_keys.numel() if specific_keys is not None else 0)
-            pairs_per_row = positives / n + keep_per_row
+            pairs_per_row = positives / m + keep_per_row
     if chunk_images is not None:
-        chunk, how = min(chunk_images, num_images), "chunk_images given"
+        chunk, how = min(chunk_images, anchor_images), "chunk_images given"
     else:
         fixed = 8.0 * sum(k.numel() for k in (agnostic_keys, specific_keys) if k is not None)
-        chunk = chunk_images_for_budget(chosen, num_images=num_images, per_image=per_image, n=n,
+        chunk = chunk_images_for_budget(chosen, num_images=anchor_images, per_image=per_image, n=n,
                                         memory_bytes=memory_bytes, pairs_per_row=pairs_per_row, fixed_bytes=fixed)
         how = f"budget {memory_bytes / 2**30:.2f} GiB"
-    _log_choice_once(chosen, chunk, num_images, n, f.device, how)
+    _log_choice_once(chosen, chunk, anchor_images, n, f.device, how)
     return LossPlan(chosen, chunk, agnostic_keys, specific_keys)
 
 

@@ -26,8 +26,13 @@ def check_loss_inputs(
     chunk_images: int | None,
     memory_gb: float | None,
     path: str,
+    *,
+    keep_rows: int | None = None,
 ) -> None:
-    """Every check of the loss's inputs (the functional form and the module both call this)."""
+    """Every check of the loss's inputs (the functional form and the module both call this).
+
+    ``keep_rows``: the side of ``negative_keep`` (the candidates; default the ``N`` rows given).
+    """
     named = {
         "z": z,
         "z_lhp": z_lhp,
@@ -96,6 +101,7 @@ def check_loss_inputs(
     if not 0.0 <= rho <= 1.0:
         raise HPSegError(f"hidden_positive_loss: rho must lie in [0, 1], got {rho}")
     if negative_keep is not None:
+        n = keep_rows or n
         if negative_keep.shape != (n, n) or negative_keep.dtype != torch.bool:
             raise HPSegError(
                 f"hidden_positive_loss: negative_keep must be an (N, N) = ({n}, {n}) bool tensor, got "

@@ -33,8 +33,14 @@ to be rare; on CUDA it picks the dense path (float16 tensor-core products; the s
 there too but has not been measured on a GPU). Anchor chunks are sized from a memory budget
 (:mod:`~.budget`).
 
+Candidates across processes (``candidates``): ``"local"`` — the rows given are the batch;
+``"global"`` — in a process group, the rows given are this process's share of a global batch,
+its anchors, against the candidates of the whole global batch (:mod:`~.candidates`): the chunk
+loop below runs over the anchors' row range only (``_LossOptions.anchor_images``; another
+evaluation path needs only that range), and the value is ``world ×`` the share.
+
 The kept negatives are a pure function of ``(seed, step, image, anchor, candidate)``
-(:mod:`~.negatives`): the same on every device, chunking and path. Nothing in a forward or backward
+(:mod:`~.negatives`): the same on every device, chunking, path and number of processes. Nothing in a forward or backward
 reads a value back to the host on the dense path: the batch statistics stay on the device until
 :attr:`HiddenPositiveLoss.stats` is read (e.g. when a log line is written).
 """
@@ -49,8 +55,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from hpseg import distributed as dist
 from hpseg.errors import HPSegError
 from hpseg.hidden_positives.budget import PATHS, LossPlan, default_memory_gb, plan_batch
+from hpseg.hidden_positives.candidates import (
+    CANDIDATES,
+    gather_candidates,
+    summed_over_ranks,
+    use_global_candidates,
+)
 from hpseg.hidden_positives.dense import anchor_coefficients, compiled_dense_chunk_terms, dense_chunk_terms
 from hpseg.hidden_positives.fused import draw_keep_bits, fused_chunk_terms, keep_bits_from_mask
 from hpseg.hidden_positives.inputs import check_loss_inputs
@@ -91,7 +104,9 @@ def lambda_schedule(it: int, warmup: int, max_iters: int) -> float:
 
 @dataclass(frozen=True)
 class _LossOptions:
-    num_images: int
+    num_images: int  # images of the candidates (the global batch when gathered)
+    anchor_images: tuple[int, int]  # this call's anchors: images [first, stop) of the candidates
+    world: int  # the value is world × this share (1 unless gathered)
     tau: float
     lam: float
     rho: float
@@ -210,33 +225,37 @@ class _HiddenPositiveLoss(torch.autograd.Function):
         ctx: Any,
         z: torch.Tensor,
         z_lhp: torch.Tensor,
-        feats: torch.Tensor,
-        code_ema: torch.Tensor,
-        pool_agnostic: torch.Tensor,
-        pool_specific: torch.Tensor,
+        f: torch.Tensor,
+        s: torch.Tensor,
+        r_ag: torch.Tensor,
+        r_sp: torch.Tensor,
         negative_keep: torch.Tensor | None,
         opt: _LossOptions,
     ) -> torch.Tensor:
+        """``z``, ``z_lhp`` ``(N, D)``, ``f`` ``(N, F)``, ``s`` ``(N, D')`` (no gradient), the pool
+        thresholds ``r_ag``, ``r_sp`` ``(N,)``: the candidates; the anchors are the images
+        ``opt.anchor_images`` of them."""
         n, dtype, with_specific = z.shape[0], opt.matmul_dtype, opt.lam != 0.0
         embeddings = (z.detach().float(), z_lhp.detach().float())
-        f, s = feats.detach().float(), code_ema.detach().float()
-        r_ag = pool_thresholds(f, pool_agnostic.detach(), matmul_dtype=dtype)
-        r_sp = pool_thresholds(s, pool_specific.detach(), matmul_dtype=dtype) if with_specific else r_ag
+        per_image = n // opt.num_images
+        first_image, stop_image = opt.anchor_images
         batch = _Batch(
             embeddings=embeddings,
             grads=[torch.zeros_like(x) if need else None for x, need in zip(embeddings, opt.need_grad)],
-            f=f, s=s, thresholds=(r_ag, r_sp), negative_keep=negative_keep, per_image=n // opt.num_images,
-            # loss = −(τ/0.07)/2 · mean over images of the per-image terms, for z and z_lhp
-            scale=-(opt.tau / BASE_TEMPERATURE) / (2.0 * opt.num_images),
+            f=f.detach(), s=s.detach(), thresholds=(r_ag, r_sp), negative_keep=negative_keep, per_image=per_image,
+            # loss = −(τ/0.07)/2 · mean over images of the per-image terms, for z and z_lhp (× world: the
+            # mean over processes of their shares is the global loss)
+            scale=-(opt.tau / BASE_TEMPERATURE) / (2.0 * opt.num_images) * opt.world,
         )
-        plan = plan_batch(opt.path, f, s, (r_ag, r_sp), negative_keep, num_images=opt.num_images, rho=opt.rho,
-                          with_specific=with_specific, memory_bytes=opt.memory_bytes,
-                          chunk_images=opt.chunk_images, matmul_dtype=dtype)
+        anchors = slice(first_image * per_image, stop_image * per_image)
+        plan = plan_batch(opt.path, batch.f, batch.s, (r_ag, r_sp), negative_keep, num_images=opt.num_images,
+                          rho=opt.rho, with_specific=with_specific, memory_bytes=opt.memory_bytes,
+                          chunk_images=opt.chunk_images, matmul_dtype=dtype, anchor_rows=anchors)
         total = torch.zeros((), dtype=torch.float32, device=z.device)
         counts = torch.zeros(5, dtype=torch.float64, device=z.device)  # A, T, kept, |den|, truncated
         kept_pairs = 0
-        for first in range(0, opt.num_images, plan.chunk_images):
-            images = min(plan.chunk_images, opt.num_images - first)
+        for first in range(first_image, stop_image, plan.chunk_images):
+            images = min(plan.chunk_images, stop_image - first)
             rows = slice(first * batch.per_image, (first + images) * batch.per_image)
             if plan.path == "sparse":
                 part, part_counts, pairs = _sparse_chunk(batch, plan, rows, images, opt)
@@ -248,8 +267,9 @@ class _HiddenPositiveLoss(torch.autograd.Function):
             total += part
             counts += part_counts
         # statistics stay on the device (no host synchronisation); loss_stats() reads them
-        opt.stats.update(counts=counts, n=n, kept_pairs=kept_pairs if plan.path == "sparse" else None,
-                         path=plan.path, chunk_images=plan.chunk_images)
+        opt.stats.update(counts=counts, n=n, anchors=anchors.stop - anchors.start, distributed=opt.world > 1,
+                         kept_pairs=kept_pairs if plan.path == "sparse" else None, path=plan.path,
+                         chunk_images=plan.chunk_images)
         ctx.save_for_backward(*(g.to(x.dtype) if g is not None else None for g, x in zip(batch.grads, (z, z_lhp))))
         return (total * batch.scale).to(z.dtype)
 
@@ -286,13 +306,29 @@ def _hidden_positive_loss(
     step: int,
     matmul_dtype: torch.dtype | None,
     compile_chunks: bool = False,
+    candidates: str = "local",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The loss and its raw batch statistics (:func:`loss_stats`); the one implementation."""
+    if candidates not in CANDIDATES:
+        raise HPSegError(f"hidden_positive_loss: candidates must be local or global, got {candidates!r}")
+    gather = use_global_candidates(candidates)
+    keep_rows = z.shape[0] * dist.world_size() if gather else None
     check_loss_inputs(z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, num_images, tau,
-                       lam, rho, chunk_images, memory_gb, path)
+                       lam, rho, chunk_images, memory_gb, path, keep_rows=keep_rows)
     budget_gb = memory_gb if memory_gb is not None else default_memory_gb(z.device)
+    dtype = matmul_dtype or default_matmul_dtype(z.device)
+    f, s = feats.detach().float(), code_ema.detach().float()
+    with torch.autocast(z.device.type, enabled=False):
+        r_ag = pool_thresholds(f, pool_agnostic.detach(), matmul_dtype=dtype)
+        r_sp = pool_thresholds(s, pool_specific.detach(), matmul_dtype=dtype) if lam != 0.0 else r_ag
+    inputs: tuple[torch.Tensor, ...] = (z, z_lhp, f, s, r_ag, r_sp)
+    images, anchors, world = num_images, (0, num_images), 1
+    if gather:
+        inputs, images, anchors, world = gather_candidates(z, z_lhp, f, s, r_ag, r_sp, num_images, dtype)
     opt = _LossOptions(
-        num_images=num_images,
+        num_images=images,
+        anchor_images=anchors,
+        world=world,
         tau=float(tau),
         lam=float(lam),
         rho=float(rho),
@@ -300,7 +336,7 @@ def _hidden_positive_loss(
         chunk_images=None if chunk_images is None else int(chunk_images),
         memory_bytes=float(budget_gb) * 2**30,
         path=path,
-        matmul_dtype=matmul_dtype or default_matmul_dtype(z.device),
+        matmul_dtype=dtype,
         seed=int(seed),
         step=int(step),
         compile=bool(compile_chunks),
@@ -312,9 +348,7 @@ def _hidden_positive_loss(
     # an enclosing autocast region must not lower the precision of our float32 reductions: the
     # products' dtype is chosen explicitly above
     with torch.autocast(z.device.type, enabled=False):
-        out = _HiddenPositiveLoss.apply(
-            z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, negative_keep, opt
-        )
+        out = _HiddenPositiveLoss.apply(*inputs, negative_keep, opt)
     return out, dict(opt.stats)
 
 
@@ -340,6 +374,7 @@ def hidden_positive_loss(
     generator: torch.Generator | None = None,
     matmul_dtype: torch.dtype | None = None,
     compile_chunks: bool = False,
+    candidates: str = "local",
 ) -> torch.Tensor:
     """The Hidden Positives contrastive loss, GHP + LHP (docs/method.md §4–5), ``(L(z) + L(z_lhp))/2``.
 
@@ -378,14 +413,25 @@ def hidden_positive_loss(
             a power-of-two scale), float32 elsewhere.
         compile_chunks: run the dense path's chunks through ``torch.compile`` (fused element-wise
             kernels; :func:`~.dense.compiled_dense_chunk_terms`); same values up to rounding.
+        candidates: ``"local"`` (default): the rows given are the whole batch. ``"global"``: in a
+            process group of ``w > 1`` processes the rows given are this process's share of a
+            global batch of ``w·num_images`` images (every rank calls it, with the same sizes: a
+            collective, in the backward pass too); the anchors are these rows, the candidates the
+            whole global batch (module docstring). ``negative_keep`` is then ``(w·N, w·N)`` and
+            ``seed`` must be the same on every rank. Without a process group, as ``"local"``.
 
     Returns:
-        Scalar loss. Differentiable w.r.t. ``z`` and ``z_lhp`` (first order only).
+        Scalar loss. Differentiable w.r.t. ``z`` and ``z_lhp`` (first order only). With
+        ``candidates="global"`` across ``w`` processes: ``w ×`` this process's share of the
+        global loss — the mean over processes is the loss (and gradient) of one process holding
+        the global batch; the gradient reaching this process's ``z`` is ``w ×`` ∂loss/∂z, which
+        DistributedDataParallel's averaging over processes brings back to the exact gradient.
     """
     loss, _ = _hidden_positive_loss(
         z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=tau, lam=lam, rho=rho,
         negative_keep=negative_keep, reweight=reweight, chunk_images=chunk_images, memory_gb=memory_gb, path=path,
         seed=_seed_from(generator, seed), step=step, matmul_dtype=matmul_dtype, compile_chunks=compile_chunks,
+        candidates=candidates,
     )
     return loss
 
@@ -401,18 +447,20 @@ def loss_stats(raw: dict[str, Any]) -> dict[str, Any]:
     """Plain Python statistics of one batch from the loss's raw (on-device) record.
 
     Reading them synchronises with the device once; do it when a log line is written, not at
-    every step. Keys: see :attr:`HiddenPositiveLoss.stats`.
+    every step. Keys: see :attr:`HiddenPositiveLoss.stats`. A record of one process's share of a
+    global batch (``candidates="global"``) describes its anchors; :func:`summed_over_ranks`
+    turns the shares' records into the global batch's.
     """
     if not raw:
         return {}
     a_total, t_total, kept_total, den_total, truncated = raw["counts"].tolist()
-    n, pairs = raw["n"], raw["kept_pairs"]
+    n, pairs, anchors = raw["n"], raw["kept_pairs"], raw.get("anchors", raw["n"])
     return {
-        "positives_per_anchor": a_total / n,
-        "specific_per_anchor": t_total / n,
-        "kept_anchor_fraction": kept_total / n,
-        "denominator_fraction": den_total / n / n,
-        "pair_fraction": pairs / n / n if pairs is not None else float("nan"),
+        "positives_per_anchor": a_total / anchors,
+        "specific_per_anchor": t_total / anchors,
+        "kept_anchor_fraction": kept_total / anchors,
+        "denominator_fraction": den_total / anchors / n,
+        "pair_fraction": pairs / anchors / n if pairs is not None else float("nan"),
         "negative_draw_truncated": int(truncated),
         "path": raw["path"],
         "chunk_images": raw["chunk_images"],
@@ -435,6 +483,9 @@ class HiddenPositiveLoss(nn.Module):
         matmul_dtype: dtype of the similarity products (default float16 on CUDA, float32 elsewhere).
         seed: the run's seed of the negatives draw (with the ``step`` of each forward).
         compile_chunks: the dense path's chunks through ``torch.compile`` (see :func:`hidden_positive_loss`).
+        candidates: ``"local"`` or ``"global"`` (see :func:`hidden_positive_loss`): with
+            ``"global"`` in a process group, every forward, backward and reading of :attr:`stats`
+            is a collective.
 
     Attributes:
         stats: plain Python values about the last batch, read from the device when accessed
@@ -445,7 +496,9 @@ class HiddenPositiveLoss(nn.Module):
             ``denominator_fraction`` (mean ``|den(i)| / N``), ``pair_fraction`` (pairs evaluated
             by the sparse path per ``N²``; NaN on the dense path), ``negative_draw_truncated``
             (images whose negatives stream ran out: 0 in practice, :mod:`~.negatives`),
-            ``path`` (``"dense"``, ``"sparse"`` or ``"fused"``) and ``chunk_images``.
+            ``path`` (``"dense"``, ``"sparse"`` or ``"fused"``) and ``chunk_images``. With
+            ``candidates="global"`` across processes they describe the global batch (the
+            ranks' counts summed: reading them is a collective, every rank reads them).
     """
 
     def __init__(
@@ -460,10 +513,14 @@ class HiddenPositiveLoss(nn.Module):
         matmul_dtype: torch.dtype | None = None,
         seed: int = 0,
         compile_chunks: bool = False,
+        candidates: str = "local",
     ) -> None:
         super().__init__()
         if path not in PATHS:
             raise HPSegError(f"HiddenPositiveLoss: path must be one of {', '.join(PATHS)}, got {path!r}")
+        if candidates not in CANDIDATES:
+            raise HPSegError(f"HiddenPositiveLoss: candidates must be local or global, got {candidates!r}")
+        self.candidates = candidates
         self.tau = float(tau)
         self.rho = float(rho)
         self.reweight = bool(reweight)
@@ -478,12 +535,13 @@ class HiddenPositiveLoss(nn.Module):
     @property
     def stats(self) -> dict[str, Any]:
         """The last batch's statistics as plain Python values (see the class docstring)."""
-        return loss_stats(self._raw_stats)
+        return loss_stats(summed_over_ranks(self._raw_stats))
 
     def extra_repr(self) -> str:
         return (
             f"tau={self.tau}, rho={self.rho}, reweight={self.reweight}, memory_gb={self.memory_gb}, "
-            f"chunk_images={self.chunk_images}, path={self.path!r}, seed={self.seed}, compile_chunks={self.compile_chunks}"
+            f"chunk_images={self.chunk_images}, path={self.path!r}, seed={self.seed}, compile_chunks={self.compile_chunks}, "
+            f"candidates={self.candidates!r}"
         )
 
     def forward(
@@ -518,6 +576,6 @@ class HiddenPositiveLoss(nn.Module):
             z, z_lhp, feats, code_ema, pool_agnostic, pool_specific, num_images=num_images, tau=self.tau, lam=lam,
             rho=self.rho, negative_keep=negative_keep, reweight=self.reweight, chunk_images=self.chunk_images,
             memory_gb=self.memory_gb, path=self.path, seed=_seed_from(generator, self.seed), step=step,
-            matmul_dtype=self.matmul_dtype, compile_chunks=self.compile_chunks,
+            matmul_dtype=self.matmul_dtype, compile_chunks=self.compile_chunks, candidates=self.candidates,
         )
         return loss

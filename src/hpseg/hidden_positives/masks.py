@@ -183,6 +183,7 @@ def positive_pair_keys(
     tile_rows: int,
     matmul_dtype: torch.dtype | None = None,
     max_pairs: int | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor | None:
     """All positives ``(i, j)``, ``j ≠ i``, of the batch as sorted keys ``i·N + j`` (docs/method.md §4).
 
@@ -197,6 +198,10 @@ def positive_pair_keys(
         matmul_dtype: dtype of the products (default as in :func:`pool_thresholds`).
         max_pairs: give up (return ``None``) once more than this many unordered pairs are found,
             so a batch whose positives are not rare never builds a huge list.
+        rows: only the anchors ``rows`` (a contiguous slice of the ``N`` rows; a process's share of
+            a global batch, :mod:`~hpseg.hidden_positives.loss`): their positives among all ``N``
+            candidates, ``M × N`` products (no triangle: the other rows belong to other processes),
+            ``max_pairs`` counting ordered pairs. None: the whole batch.
 
     Returns:
         ``(2·pairs,)`` int64 keys, sorted (row-major order of the symmetric ``N × N`` mask), or ``None``.
@@ -210,6 +215,8 @@ def positive_pair_keys(
     n = x.shape[0]
     dtype = matmul_dtype or default_matmul_dtype(x.device)
     tile_rows = max(1, min(int(tile_rows), n))
+    if rows is not None and (rows.start, rows.stop) != (0, n):
+        return _row_pair_keys(x.to(dtype), r, rows, tile_rows, max_pairs)
     block = SCREEN_BLOCK if x.device.type != "cpu" else 1  # screening: margins padded to whole blocks
     xd = x.to(dtype)
     width = -(-n // block) * block
@@ -236,6 +243,37 @@ def positive_pair_keys(
                 return None
     del sim_buf, margin_buf
     up = torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64, device=x.device)
-    rows = up.div(n, rounding_mode="floor")
-    mirrored = (up - rows * n) * n + rows
+    anchor = up.div(n, rounding_mode="floor")
+    mirrored = (up - anchor * n) * n + anchor
     return sort_values(torch.cat([up, mirrored]))
+
+
+def _row_pair_keys(
+    xd: torch.Tensor, r: torch.Tensor, rows: slice, tile_rows: int, max_pairs: int | None
+) -> torch.Tensor | None:
+    """:func:`positive_pair_keys` of the anchors ``rows`` against all ``N`` candidates (``xd`` in the
+    products' dtype): sorted keys ``i·N + j`` with ``i`` in ``rows``, ``j ≠ i``; None past ``max_pairs``."""
+    n = xd.shape[0]
+    block = SCREEN_BLOCK if xd.device.type != "cpu" else 1
+    width = -(-n // block) * block
+    tile_rows = max(1, min(tile_rows, rows.stop - rows.start))
+    sim_buf = torch.empty(tile_rows * n, dtype=xd.dtype, device=xd.device)
+    margin_buf = torch.empty(tile_rows * width, dtype=torch.float32, device=xd.device)
+    keys: list[torch.Tensor] = []
+    found = 0
+    with torch.autocast(xd.device.type, enabled=False):
+        for s in range(rows.start, rows.stop, tile_rows):
+            t = min(tile_rows, rows.stop - s)
+            sim = torch.mm(xd[s : s + t], xd.t(), out=sim_buf[: t * n].view(t, n))
+            margin = margin_buf[: t * width].view(t, width)
+            threshold_margin(sim, r[s : s + t], r, out=margin[:, :n] if width > n else margin)
+            if width > n:
+                margin[:, n:] = float("-inf")
+            rr, cc = _positive_entries(margin, block, screen=block > 1)
+            other = cc != rr + s  # an anchor is not its own positive
+            rr, cc = rr[other], cc[other]
+            keys.append((rr + s) * n + cc)  # row-major within the tile, tiles in order: sorted
+            found += rr.numel()
+            if max_pairs is not None and found > max_pairs:
+                return None
+    return torch.cat(keys) if keys else torch.empty(0, dtype=torch.int64, device=xd.device)

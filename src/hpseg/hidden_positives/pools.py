@@ -15,13 +15,18 @@ from hpseg.errors import HPSegError
 _THRESHOLD_BLOCK_ROWS = 8192
 
 
-def sample_pool_entries(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_pool_entries(
+    x: torch.Tensor, generator: torch.Generator | None = None, *, share: tuple[int, int] | None = None
+) -> torch.Tensor:
     """One random patch per image, L2-normalised: entries of a reference pool (docs/method.md §3).
 
     Args:
         x: feature maps ``(B, C, h, w)`` (``drop(feats)`` for the task-agnostic pool,
             ``drop(code_ema)`` for the task-specific one).
         generator: optional random generator (on any device) for the patch positions.
+        share: ``(start, total)``: ``x`` holds images ``[start, start + B)`` of a global batch of
+            ``total``; the positions of all ``total`` images are drawn (as one process would)
+            and these images' are used. None: ``x`` is the whole batch.
 
     Returns:
         ``(B, C)`` float32 rows of unit norm.
@@ -33,7 +38,8 @@ def sample_pool_entries(x: torch.Tensor, generator: torch.Generator | None = Non
         )
     b, c = x.shape[:2]
     flat = x.flatten(2)  # (B, C, h·w)
-    idx = _patch_positions(flat.shape[2], b, generator, x.device)
+    start, total = share if share is not None else (0, b)
+    idx = _patch_positions(flat.shape[2], total, generator, x.device)[start : start + b]
     rows = flat[torch.arange(b, device=x.device), :, idx]  # (B, C)
     return F.normalize(rows.float(), dim=1)
 
