@@ -81,25 +81,7 @@ def check_loss_inputs(
             f"hidden_positive_loss: N={n} rows are not divisible into num_images={num_images} images; "
             "pass num_images = batch size (N = num_images·S²)"
         )
-    if chunk_images is not None and chunk_images < 1:
-        raise HPSegError(f"hidden_positive_loss: chunk_images must be ≥ 1, got {chunk_images}")
-    if memory_gb is not None and not (memory_gb > 0 and math.isfinite(memory_gb)):
-        raise HPSegError(
-            f"hidden_positive_loss: memory_gb must be a positive number of GiB, got {memory_gb}; "
-            "or None for the device's default"
-        )
-    if path not in PATHS:
-        raise HPSegError(f"hidden_positive_loss: path must be one of {', '.join(PATHS)}, got {path!r}")
-    if path == "fused":
-        require_fused(z.device)  # triton, and CUDA tensors or TRITON_INTERPRET=1
-    if not (tau > 0 and math.isfinite(tau)):
-        raise HPSegError(f"hidden_positive_loss: tau must be a positive number, got {tau}")
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise HPSegError(
-            f"hidden_positive_loss: lam must be a finite number ≥ 0, got {lam}; see lambda_schedule"
-        )
-    if not 0.0 <= rho <= 1.0:
-        raise HPSegError(f"hidden_positive_loss: rho must lie in [0, 1], got {rho}")
+    _check_settings(tau, lam, rho, chunk_images, memory_gb, path, z.device)
     if negative_keep is not None:
         n = keep_rows or n
         if negative_keep.shape != (n, n) or negative_keep.dtype != torch.bool:
@@ -112,3 +94,27 @@ def check_loss_inputs(
                 f"hidden_positive_loss: negative_keep is on {negative_keep.device} but z on {z.device}; "
                 "move it to the inputs' device"
             )
+
+
+def _check_settings(tau: float, lam: float, rho: float, chunk_images: int | None, memory_gb: float | None,
+                    path: str, device: torch.device) -> None:
+    """The loss's scalar settings (and, for ``path="fused"``, that it can run on ``device``)."""
+    if chunk_images is not None and chunk_images < 1:
+        raise HPSegError(f"hidden_positive_loss: chunk_images must be ≥ 1, got {chunk_images}")
+    if memory_gb is not None and not (memory_gb > 0 and math.isfinite(memory_gb)):
+        raise HPSegError(
+            f"hidden_positive_loss: memory_gb must be a positive number of GiB, got {memory_gb}; "
+            "or None for the device's default"
+        )
+    if path not in PATHS:
+        raise HPSegError(f"hidden_positive_loss: path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "fused":
+        require_fused(device)  # triton, and CUDA tensors or TRITON_INTERPRET=1
+    if not (tau > 0 and math.isfinite(tau)):
+        raise HPSegError(f"hidden_positive_loss: tau must be a positive number, got {tau}")
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise HPSegError(
+            f"hidden_positive_loss: lam must be a finite number ≥ 0, got {lam}; see lambda_schedule"
+        )
+    if not 0.0 <= rho <= 1.0:
+        raise HPSegError(f"hidden_positive_loss: rho must lie in [0, 1], got {rho}")
