@@ -1,7 +1,7 @@
 """The global-batch loss across processes (``loss.candidates=global``), on CPU with gloo.
 
 * the gathered-candidate loss of 2 processes on random tensors equals the loss of one process
-  holding the whole batch, value, gradients and statistics, on the dense and sparse paths;
+  holding the whole batch, value, gradients and statistics, on the dense, sparse and fused paths;
 * 2-process training (torchrun, through the CLI) ends with the weights of 1-process training
   with the same global batch, dropout on and off — DINO, DINOv2 with registers and DINOv3 (random,
   tiny) backbones;
@@ -15,6 +15,7 @@ plain Python): ``HPSEG_TEST_STOP_AFTER=k`` stops the run after ``k`` iterations 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,6 +27,10 @@ import torch
 from hpseg.heads import probe_cross_entropy
 
 WORLD = 2
+#: loss paths compared across processes: the fused one too where Triton runs (its interpreter on CPU:
+#: tests/conftest.py sets TRITON_INTERPRET=1, which the spawned processes inherit)
+INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+LOSS_PATHS = ("dense", "sparse") + (("fused",) if INTERPRETED else ())
 TRAIN_IMAGES, GLOBAL_BATCH, EPOCHS = 16, 8, 2  # 2 iterations per epoch, 4 in all
 
 
@@ -71,7 +76,7 @@ def _loss_worker(rank: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     x, share = _inputs(), IMAGES // WORLD * PER_IMAGE
     rows = slice(rank * share, (rank + 1) * share)
-    results = {path: _loss(x, rows, path, "global") for path in ("dense", "sparse")}
+    results = {path: _loss(x, rows, path, "global") for path in LOSS_PATHS}
     local = _loss(x, rows, "dense", "local")[0]
     logits, label = _probe_inputs()
     mine = slice(rank * (IMAGES // WORLD), (rank + 1) * (IMAGES // WORLD))
@@ -84,7 +89,7 @@ def test_gathered_candidates_give_the_one_process_loss_and_gradient(tmp_path: Pa
     torch.multiprocessing.spawn(_loss_worker, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     x, share = _inputs(), IMAGES // WORLD * PER_IMAGE
-    for path in ("dense", "sparse"):
+    for path in LOSS_PATHS:
         loss, grad_z, grad_lhp, stats = _loss(x, slice(0, IMAGES * PER_IMAGE), path, "local")
         assert stats["kept_anchor_fraction"] > 0.5 and 0 < stats["denominator_fraction"] < 1  # a real test
         parts = [r["results"][path] for r in ranks]
