@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
 from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
-from hpseg.checkpointing import check_run_folder, removed_on_failure
+from hpseg.checkpointing import REQUESTED_FILE, check_run_folder, removed_on_failure
 from hpseg.clustering import kmeans
 from hpseg.config import (
     PAPER_DATASETS,
@@ -33,6 +34,14 @@ from hpseg.config import (
     run_dir,
 )
 from hpseg.data import build_dataset
+from hpseg.data.holdout import (
+    HELD_OUT_FILE,
+    MIN_FOLDER_IMAGES,
+    MIN_HELD_OUT,
+    MIN_TRAIN,
+    holdout_indices,
+    write_held_out,
+)
 from hpseg.diagnostics import cluster_usage, hidden_positive_diagnostics
 from hpseg.errors import HPSegError
 from hpseg.evaluate import (
@@ -62,6 +71,7 @@ __all__ = [
     "build_val_set",
     "evaluate_checkpoint",
     "evaluate_path",
+    "holdout_indices",
     "name_clusters",
     "run_baseline",
     "TrainingRun",
@@ -122,22 +132,6 @@ class _Picked(Dataset):
 def _subset(ds: Dataset, indices: list[int]) -> Dataset:
     """The items ``indices`` of ``ds``, keeping its ``class_names`` and ``n_classes``."""
     return _Picked(ds, indices)
-
-
-def holdout_indices(names: list[str], fraction: float) -> tuple[list[int], list[int]]:
-    """``(training, held-out)`` indices of items called ``names``: the ``round(fraction · n)``
-    (at least one, leaving at least two for training) whose SHA-1 of the name sorts first.
-
-    The choice depends on each name only, so adding images to a folder moves few of the others.
-    """
-    import hashlib
-
-    n = len(names)
-    k = min(max(1, round(fraction * n)), n - 2) if fraction > 0 else 0
-    order = sorted(range(n), key=lambda i: hashlib.sha1(names[i].encode("utf-8")).hexdigest())
-    held = sorted(order[:k]) if k > 0 else []
-    held_set = set(held)
-    return [i for i in range(n) if i not in held_set], held
 
 
 def _holds_out(cfg: Config) -> bool:
@@ -277,6 +271,29 @@ def _record_skipped(out_dir: Path, runtime: Runtime, *datasets: Dataset) -> None
         target.unlink()
 
 
+def _held_out_files(val_set: Dataset) -> list[str]:
+    """The files (relative to the folder) of every held-out image, before ``data.max_val_images``."""
+    ds = val_set
+    while isinstance(ds, _Picked) and isinstance(ds.dataset, _Picked):  # the cap of data.max_val_images
+        ds = ds.dataset
+    assert isinstance(ds, _Picked)
+    folder = ds.dataset
+    return [Path(folder.image_files[i]).relative_to(folder.root).as_posix() for i in ds.indices]  # type: ignore[attr-defined]
+
+
+def _require_enough_images(cfg: Config, train_set: Dataset, val_set: Dataset) -> None:
+    """Refuse, before anything is written, a folder too small to train on and evaluate."""
+    n_train, n_val = len(train_set), len(val_set)  # type: ignore[arg-type]
+    if cfg.data.dataset != "folder" or not _holds_out(cfg) or (n_train >= MIN_TRAIN and n_val >= MIN_HELD_OUT):
+        return
+    source = train_set.dataset if isinstance(train_set, _Picked) else train_set
+    skipped = len(getattr(source, "skipped", []))
+    unreadable = f" (and {skipped} that cannot be read)" if skipped else ""
+    raise HPSegError(f"{cfg.data.root} has {len(source)} readable image(s){unreadable}, fewer than the "  # type: ignore[arg-type]
+                     f"{MIN_FOLDER_IMAGES} a run needs ({MIN_TRAIN} to train on, {MIN_HELD_OUT} held out to evaluate "
+                     "on): add images to the folder")
+
+
 def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
     """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``); folder runs train with
     a schedule fitted to the folder (:func:`hpseg.schedule.fit_schedule`)."""
@@ -286,13 +303,20 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
     seed_everything(cfg.train.seed + runtime.rank)
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
+    _require_enough_images(cfg, train_set, val_set)
+    requested = cfg.to_dict()
     cfg = fit_schedule(cfg, len(train_set), len(val_set), runtime.world_size).config  # type: ignore[arg-type]
-    finished = check_run_folder(out_dir, cfg.to_dict())
+    finished = check_run_folder(out_dir, cfg.to_dict(), requested=requested)
     if finished is not None:  # the same settings, already trained: nothing to do
         return finished
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(out_dir / REQUESTED_FILE, "# the settings as given, before hpseg fitted them to the data "
+                          "(config.yaml: what the run used)\n" + yaml.safe_dump(requested, sort_keys=False))
+        if _holds_out(cfg):
+            write_held_out(out_dir, _held_out_files(val_set), root=Path(str(cfg.data.root)).expanduser().resolve(),
+                           fraction=cfg.data.holdout)
     model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     _record_skipped(out_dir, runtime, train_set, val_set)
     if cfg.train.cache_features:
@@ -413,10 +437,10 @@ def evaluate_checkpoint(
         from hpseg.evaluate import write_results
         from hpseg.report import write_report
 
-        curve = checkpoint.parent / "training_curve.png"
-        if curve.is_file():  # the run's training curve joins its evaluation (and its report)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(curve, out_dir / "training_curve.png")
+        for name in ("training_curve.png", HELD_OUT_FILE):  # the run's curve and held-out list join its evaluation
+            if (checkpoint.parent / name).is_file():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(checkpoint.parent / name, out_dir / name)
         write_results(out_dir, results, output)
         write_report(out_dir)
     return results
