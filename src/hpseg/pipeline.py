@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
-from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
+from hpseg.checkpoint import load_model, read_checkpoint, resolve_checkpoint, set_cluster_names
 from hpseg.checkpointing import REQUESTED_FILE, check_run_folder, removed_on_failure
 from hpseg.clustering import kmeans
 from hpseg.config import (
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "build_model",
+    "check_resolutions",
     "build_runtime",
     "build_train_set",
     "build_val_set",
@@ -183,10 +184,22 @@ def _baseline_train_set(cfg: Config) -> Dataset:
                                      **_dataset_kwargs(cfg, train=True)), 0)
 
 
+def check_resolutions(cfg: Config, patch: int, backbone: str, *, training: bool = True) -> None:
+    """Refuse a ``data.resolution`` (when ``training``) or ``data.eval_resolution`` that is not
+    a multiple of the backbone's ``patch`` size, naming the setting and a value that fits."""
+    keys = ("resolution", "eval_resolution") if training else ("eval_resolution",)
+    for key in keys:
+        value = int(getattr(cfg.data, key))
+        if value % patch:
+            raise HPSegError(f"data.{key}={value} is not a multiple of the patch size {patch} of {backbone}: set "
+                             f"data.{key}={max(patch, round(value / patch) * patch)} (any multiple of {patch})")
+
+
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
     """A fresh HP model: the configured frozen backbone and newly initialised heads."""
     m = cfg.model
     backbone = build_backbone(m.backbone, m.weights, pretrained=m.pretrained, img_size=cfg.data.resolution)
+    check_resolutions(cfg, int(backbone.patch_size), m.backbone)
     return HPModel.create(backbone, dim=m.dim, n_classes=n_classes, n_clusters=m.n_clusters or n_classes,
                           class_names=class_names, dropout=m.dropout, config=cfg.to_dict())
 
@@ -309,6 +322,7 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
     finished = check_run_folder(out_dir, cfg.to_dict(), requested=requested)
     if finished is not None:  # the same settings, already trained: nothing to do
         return finished
+    model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
@@ -317,7 +331,6 @@ def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dic
         if _holds_out(cfg):
             write_held_out(out_dir, _held_out_files(val_set), root=Path(str(cfg.data.root)).expanduser().resolve(),
                            fraction=cfg.data.holdout)
-    model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     _record_skipped(out_dir, runtime, train_set, val_set)
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
@@ -405,6 +418,7 @@ def evaluate_checkpoint(
     """
     model = load_model(checkpoint, backbone=backbone)
     cfg = _model_config(model, preset, overrides or [])
+    check_resolutions(cfg, int(model.backbone.patch_size), model.spec.backbone, training=False)
     runtime = build_runtime(cfg)
     model.to(runtime.device).eval()
     val_set = build_val_set(cfg)
@@ -471,17 +485,11 @@ def evaluate_path(
     For a multi-seed folder every seed is evaluated into ``seed-N/eval`` and the folder's
     ``results.json`` holds the per-seed metrics (``seeds``) and their mean ± std (``metrics``).
     """
-    if path.is_file():
-        return evaluate_checkpoint(path, overrides, preset=preset, out_dir=out_dir, backbone=backbone,
-                                   baseline=baseline)
-    if not path.is_dir():
-        raise HPSegError(f"{path} does not exist: give a checkpoint file (.pt/.pth) or a run folder")
-    seeds = find_seed_runs(path)
+    seeds = find_seed_runs(path) if path.is_dir() else []
     if not seeds:
-        if not (path / "best.pt").is_file():
-            raise HPSegError(f"{path} holds no best.pt and no seed-*/best.pt: train first (hpseg train …)")
-        return evaluate_checkpoint(path / "best.pt", overrides, preset=preset, out_dir=out_dir or path / "eval",
-                                   backbone=backbone, baseline=baseline)
+        checkpoint = resolve_checkpoint(path)  # a file, or a run folder's best.pt
+        return evaluate_checkpoint(checkpoint, overrides, preset=preset, backbone=backbone, baseline=baseline,
+                                   out_dir=out_dir or (path / "eval" if path.is_dir() else None))
     runs = [evaluate_checkpoint(f / "best.pt", overrides, preset=preset, out_dir=f / "eval", backbone=backbone,
                                 baseline=baseline) for f in seeds]
     per_seed = {f.name: {**r.metrics, **({"k-means baseline": r.baseline["unsupervised"]} if r.baseline else {})}
@@ -552,6 +560,7 @@ def name_clusters(run: Path, names: dict[int, str]) -> list[Path]:
     ``results.json`` when there is one. Returns the files changed."""
     files = [run] if run.is_file() else [p for p in (run / "best.pt", run / "final.pt") if p.is_file()]
     if not files:
+        resolve_checkpoint(run)  # says what the folder holds instead (one run per K or seed, an unfinished run)
         raise HPSegError(f"{run} holds no best.pt or final.pt: give a run folder or a checkpoint file")
     from hpseg.model import ModelSpec
 

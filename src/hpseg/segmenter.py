@@ -275,11 +275,12 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, backbone: str | None = None, **kwargs: Any) -> Segmenter:
-        """A segmenter for an hpseg checkpoint or the authors' ``ckpt.pth`` (keyword arguments as
+        """A segmenter for an hpseg checkpoint or run folder, or the authors' ``ckpt.pth`` (keyword arguments as
         for the constructor). The checkpoint's cluster names or cluster → class assignment are
         used when present; the authors' files carry neither (raw cluster ids)."""
-        from hpseg.checkpoint import load_model
+        from hpseg.checkpoint import load_model, resolve_checkpoint
 
+        path = resolve_checkpoint(path)  # a run folder: its best.pt
         seg = cls(load_model(path, backbone=backbone), **kwargs)
         seg.source = str(path)
         return seg
@@ -308,6 +309,13 @@ class Segmenter:
     def n_labels(self) -> int:
         """Number of label values (excluding :data:`~hpseg.viz.IGNORE`)."""
         return len(self.label_names)
+
+    @property
+    def has_no_class(self) -> bool:
+        """Whether a pixel may get :data:`~hpseg.viz.IGNORE` (a cluster the stored assignment
+        matched to no class); never for raw or named clusters or the linear head."""
+        return (self.head == "cluster" and self.cluster_names is None and self.assignment is not None
+                and IGNORE in self.assignment)
 
     @property
     def label_meaning(self) -> str:
@@ -441,7 +449,13 @@ class Segmenter:
 
     # -- public ---------------------------------------------------------------------------------
     def predict(self, image: Any) -> np.ndarray:
-        """Label map ``(H, W)`` int64 at the input's size (values: :attr:`label_meaning`)."""
+        """Label map ``(H, W)`` int64 at the input's size (values: :attr:`label_meaning`).
+
+        ``image``: an image file path, a PIL image, an ``(H, W, 3)`` numpy array or a ``(3, H, W)``
+        tensor — **raw RGB**, uint8 (0–255) or float in [0, 1]. The segmenter normalises it
+        itself; an ImageNet-normalised tensor (negative values) or floats in 0–255 are refused
+        (:class:`~hpseg.errors.HPSegError`). Only :meth:`HPModel.scores` takes normalised batches.
+        """
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[Any]) -> list[np.ndarray]:
@@ -479,10 +493,11 @@ class Segmenter:
             "label_meaning": self.label_meaning,
             "labels": [{"value": i, "name": name, "color": [int(c) for c in pal[i]], "hex": hex_colour(pal[i])}
                        for i, name in enumerate(self.label_names)],
-            "ignore": {"value": IGNORE, "png_value": PNG_IGNORE, "color": [0, 0, 0],
-                       "meaning": "cluster matched to no class"},
             "window": self.window, "overlap": self.overlap, "resolution": self.resolution, "crf": self.crf,
         }
+        if self.has_no_class:  # only then can a pixel carry it
+            doc["ignore"] = {"value": IGNORE, "png_value": PNG_IGNORE, "color": [0, 0, 0],
+                             "meaning": "cluster matched to no class"}
         if self.assignment is not None:
             doc["assignment"] = list(self.assignment)
         if self.source:
