@@ -62,7 +62,7 @@ def test_adding_photos_never_moves_a_held_out_photo_into_training(start) -> None
         folder = sorted(names[:n])  # the dataset sorts by path: new photos land anywhere
         train, held = holdout_indices(folder, 0.2)
         now_held = {folder[i] for i in held}
-        if any(name_position(f) < 0.2 for f in folder[:-1] if f in before_held):
+        if before_held and all(name_position(f) < 0.2 for f in before_held):  # not the one-photo fallback
             assert before_held <= now_held, n
         before_held = now_held
 
@@ -177,6 +177,16 @@ def test_a_folder_below_the_minimum_is_refused_before_anything_is_written(tmp_pa
     assert f"photos/ has {n_good} readable image(s)" in lines[0] and "fewer than the 3 a run needs" in lines[0]
     assert ("cannot be read" in lines[0]) == bool(n_bad) and "add images" in lines[0]
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_the_baseline_refuses_a_folder_below_the_minimum_in_the_same_words(tmp_path, capsys) -> None:
+    from hpseg.cli import main
+
+    photos = _photos(tmp_path / "photos", 2)
+    assert main(["baseline", "--preset", "folder", f"data.root={photos}", "data.n_classes=6",
+                 "backbone=hpseg_demo_vit", "data.resolution=96", "data.eval_resolution=160"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "has 2 readable image(s), fewer than the 3" in err[-1]
 
 
 # -- the same command typed again -----------------------------------------------------------

@@ -134,6 +134,8 @@ def test_segment_and_name_take_the_run_folder(readme_run, capsys) -> None:
 
     legend = json.loads((work / "seg" / "legend.json").read_text())
     assert "flat" in [row["name"] for row in legend["labels"]] and "ignore" not in legend
+    assert main(["report", "runs/photos"]) == 0  # the run folder, like every other command
+    assert "report written: runs/photos/eval/report.html" in capsys.readouterr().out
 
 
 # -- 30 and 60 photos: the planning step of the same command --------------------------------

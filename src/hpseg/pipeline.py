@@ -533,6 +533,7 @@ def run_baseline(preset: str | None, overrides: list[str]) -> Results:
     backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
                               img_size=cfg.data.resolution).to(runtime.device)
     val_set = build_val_set(cfg)
+    _require_enough_images(cfg, _baseline_train_set(cfg) if cfg.data.dataset == "folder" else val_set, val_set)
     n_classes, class_names = int(val_set.n_classes), list(val_set.class_names)  # type: ignore[attr-defined]
     k = cfg.model.n_clusters or n_classes
     if not getattr(val_set, "has_labels", True):  # nothing to score: the label-free figures of k-means

@@ -168,7 +168,10 @@ def cmd_name(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hpseg.report import write_report
 
-    print(f"report written: {write_report(Path(args.run_dir), out=Path(args.out) if args.out else None)}")
+    folder = Path(args.run_dir)
+    if not (folder / "results.json").is_file() and (folder / "eval" / "results.json").is_file():
+        folder = folder / "eval"  # a run folder: its evaluation, as `hpseg evaluate RUN` wrote it
+    print(f"report written: {write_report(folder, out=Path(args.out) if args.out else None)}")
     return 0
 
 

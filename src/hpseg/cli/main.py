@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_name)
 
     s = sub.add_parser("report", help="static HTML report of an evaluated run")
-    s.add_argument("run_dir", help="folder holding results.json (e.g. RUN/eval)")
+    s.add_argument("run_dir", help="folder holding results.json (RUN/eval), or the run folder RUN")
     s.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
     s.set_defaults(func=commands.cmd_report)
 
