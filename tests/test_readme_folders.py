@@ -121,10 +121,9 @@ def test_the_readme_evaluation_runs_on_the_held_out_images_and_says_where_the_re
     assert listed and Results.read(run / "eval" / "results.json").protocol.n_images == len(listed)
 
 
+@pytest.mark.parametrize("readme_run", [3], indirect=True)  # once is enough
 def test_segment_and_name_take_the_run_folder(readme_run, capsys) -> None:
-    work, n, _ = readme_run
-    if n != 3:
-        pytest.skip("once is enough")
+    work, _, _ = readme_run
     assert main(["name", "runs/photos", "0=flat", "3=fine-texture"]) == 0
     capsys.readouterr()
     assert main(["segment", "runs/photos", "photos/IMG_0000.png", "--out", "seg/"]) == 0
@@ -169,9 +168,7 @@ def test_the_readme_command_plans_30_and_60_photos(tmp_path, n) -> None:
 @pytest.fixture(scope="module")
 def not_checkpoints(readme_run) -> dict[str, Path]:
     """Random bytes, and hpseg's own exports under their default and under checkpoint-like names."""
-    work, n, _ = readme_run
-    if n != 3:
-        pytest.skip("once is enough")
+    work, _, _ = readme_run
     run = work / "runs" / "photos"
     assert main(["export", "runs/photos", "--no-verify"]) == 0  # default name, next to best.pt
     assert main(["export", "runs/photos", "--format", "torchscript", "--no-verify"]) == 0
@@ -182,6 +179,7 @@ def not_checkpoints(readme_run) -> dict[str, Path]:
             "torchscript named .pt": work / "model.pt", "onnx named .pt": work / "onnx.pt"}
 
 
+@pytest.mark.parametrize("readme_run", [3], indirect=True)
 def test_exports_have_names_no_command_takes_for_a_checkpoint(not_checkpoints) -> None:
     assert not_checkpoints["onnx"].name == "model.onnx" and not_checkpoints["torchscript"].name == "model.ts"
     assert not_checkpoints["torchscript named .pt"].is_file()  # an explicit name is still accepted
@@ -192,6 +190,7 @@ def test_exports_have_names_no_command_takes_for_a_checkpoint(not_checkpoints) -
                                         ("torchscript named .pt", "torch.jit.load"),
                                         ("onnx named .pt", "onnxruntime")])
 @pytest.mark.parametrize("command", ["evaluate", "segment", "export"])
+@pytest.mark.parametrize("readme_run", [3], indirect=True)
 def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(not_checkpoints, capsys, kind, says, command) -> None:
     path = not_checkpoints[kind]
     argv = [command, str(path), *(["photos/", "--out", "seg-x/"] if command == "segment" else [])]
