@@ -82,7 +82,8 @@ def test_an_option_that_is_no_setting_gets_no_hint(capsys) -> None:
 
 @pytest.mark.parametrize("backbone, patch", [("vit_small_patch14_dinov2", 14), ("dino_vits8", 8)])
 def test_a_resolution_off_the_patch_grid_names_data_resolution(tmp_path, backbone, patch) -> None:
-    from hpseg.pipeline import build_model, check_resolutions
+    from hpseg.config import check_resolutions
+    from hpseg.pipeline import build_model
 
     cfg = build_config("folder", ["data.root=photos/", "data.n_classes=3", f"backbone={backbone}",
                                   "model.pretrained=false", "data.resolution=100", "data.eval_resolution=160"])

@@ -29,6 +29,7 @@ from hpseg.config import (
     Config,
     apply_overrides,
     build_config,
+    check_resolutions,
     config_from_dict,
     require_data_root,
     run_dir,
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "build_model",
-    "check_resolutions",
     "build_runtime",
     "build_train_set",
     "build_val_set",
@@ -182,17 +182,6 @@ def _baseline_train_set(cfg: Config) -> Dataset:
     d = cfg.data
     return _split(cfg, build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution,
                                      **_dataset_kwargs(cfg, train=True)), 0)
-
-
-def check_resolutions(cfg: Config, patch: int, backbone: str, *, training: bool = True) -> None:
-    """Refuse a ``data.resolution`` (when ``training``) or ``data.eval_resolution`` that is not
-    a multiple of the backbone's ``patch`` size, naming the setting and a value that fits."""
-    keys = ("resolution", "eval_resolution") if training else ("eval_resolution",)
-    for key in keys:
-        value = int(getattr(cfg.data, key))
-        if value % patch:
-            raise HPSegError(f"data.{key}={value} is not a multiple of the patch size {patch} of {backbone}: set "
-                             f"data.{key}={max(patch, round(value / patch) * patch)} (any multiple of {patch})")
 
 
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:

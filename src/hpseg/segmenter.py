@@ -312,8 +312,7 @@ class Segmenter:
 
     @property
     def has_no_class(self) -> bool:
-        """Whether a pixel may get :data:`~hpseg.viz.IGNORE` (a cluster the stored assignment
-        matched to no class); never for raw or named clusters or the linear head."""
+        """Whether a pixel may get :data:`~hpseg.viz.IGNORE` (a cluster matched to no class)."""
         return (self.head == "cluster" and self.cluster_names is None and self.assignment is not None
                 and IGNORE in self.assignment)
 
@@ -451,11 +450,9 @@ class Segmenter:
     def predict(self, image: Any) -> np.ndarray:
         """Label map ``(H, W)`` int64 at the input's size (values: :attr:`label_meaning`).
 
-        ``image``: an image file path, a PIL image, an ``(H, W, 3)`` numpy array or a ``(3, H, W)``
-        tensor — **raw RGB**, uint8 (0–255) or float in [0, 1]. The segmenter normalises it
-        itself; an ImageNet-normalised tensor (negative values) or floats in 0–255 are refused
-        (:class:`~hpseg.errors.HPSegError`). Only :meth:`HPModel.scores` takes normalised batches.
-        """
+        ``image``: a path, PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor of **raw RGB**
+        (uint8, or float in [0, 1]; normalised here). ImageNet-normalised or 0–255 float input
+        is refused (:class:`~hpseg.errors.HPSegError`); :meth:`HPModel.scores` takes normalised batches."""
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[Any]) -> list[np.ndarray]:
