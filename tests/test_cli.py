@@ -48,7 +48,7 @@ def test_config_of_a_paper_preset_needs_no_data_root(preset, capsys):
         (["demo", "--quick", "train.batch_size=1"], "batch_size must be at least 2"),
         (["config", "--preset", "synthetic", "train.precision=fp8"], "train.precision"),
         (["segment", "/does/not/exist.pt", "/no/images/here", "--out", "/tmp/hpseg-x"], "no input images matched"),
-        (["name", "/does/not/exist", "0=sky"], "holds no best.pt"),
+        (["name", "/does/not/exist", "0=sky"], "does not exist"),
         (["report", "/does/not/exist"], "no results.json"),
         (["export", "/does/not/exist.pt", "--out", "/tmp/hpseg-x.onnx"], "does not exist"),
         (["convert", "/does/not/exist.pth", "/tmp/hpseg-x.pt"], "does not exist"),

@@ -109,6 +109,7 @@ def test_corrupted_file_is_reported_and_skipped(cli_runs, image_dir: Path) -> No
     skipped = (run1 / "skipped.txt").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(image_dir / "bad.png"))
     assert not (run1 / "bad.png").exists()
+    assert "image list" not in skipped[0] and "replace it with a readable copy, or delete it" in skipped[0]
 
 
 def test_api_and_cli_give_identical_label_pngs(cli_runs, checkpoint: Path, image_dir: Path, tmp_path) -> None:
@@ -201,6 +202,34 @@ def test_input_types_give_the_same_labels(model: HPModel) -> None:
     assert [p.shape for p in seg.predict_batch([img, img[:9, :5]])] == [(20, 27), (9, 5)]
     with pytest.raises(HPSegError, match="divide by 255"):
         seg.predict(img.astype(np.float32))
+
+
+def test_normalised_or_out_of_range_floats_are_refused_not_clipped(model: HPModel) -> None:
+    """``predict`` takes raw RGB: an ImageNet-normalised tensor, or floats a little above 1, would
+    be segmented as another (clipped) image without a word."""
+    from hpseg.imaging import normalize
+
+    img = torch.from_numpy(random_image(20, 27, seed=6)).permute(2, 0, 1).float() / 255
+    seg = Segmenter(model, device="cpu", head="linear")
+    with pytest.raises(HPSegError, match="looks ImageNet-normalised; pass the image before normalisation"):
+        seg.predict(normalize(img))
+    with pytest.raises(HPSegError, match=r"raw RGB in \[0, 1\], got values up to 1.2"):
+        seg.predict(img * 1.2)
+    assert seg.predict(img * 1.01).shape == (20, 27)  # resampling overshoot is tolerated
+
+
+def test_legends_have_a_no_class_row_only_when_a_pixel_can_take_it(model: HPModel, tmp_path) -> None:
+    from hpseg.viz import save_legend
+
+    raw = Segmenter(model, device="cpu", assignment=None)  # an unlabelled run's clusters
+    assert "ignore" not in raw.legend() and not raw.has_no_class
+    unmatched = Segmenter(model, device="cpu", assignment=ASSIGNMENT)  # cluster 3 matched to no class
+    assert unmatched.legend()["ignore"]["png_value"] == 255
+    heights = []
+    for seg in (raw, unmatched):
+        save_legend(seg.legend(), tmp_path)
+        heights.append(Image.open(tmp_path / "legend.png").height)
+    assert heights[0] == 22 * raw.n_labels + 8 and heights[1] == 22 * (unmatched.n_labels + 1) + 8
 
 
 def test_resolution_resizes_and_returns_the_input_size(model: HPModel) -> None:

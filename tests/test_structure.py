@@ -56,7 +56,7 @@ LAYERS = {
     "data and files": ["data", "checkpoint", "results", "viz"],
     "engines": ["train", "checkpointing", "evaluate", "segmenter", "export", "feature_cache"],
     "presentation": ["report", "compare", "sweep_page"],
-    "entry": ["pipeline", "demo", "sweep"],
+    "entry": ["pipeline", "run_data", "demo", "sweep"],
     "commands": ["cli", "__main__"],
 }
 

@@ -45,6 +45,7 @@ __all__ = [
     "is_authors_checkpoint",
     "load_model",
     "read_checkpoint",
+    "resolve_checkpoint",
     "save_checkpoint",
     "set_cluster_names",
 ]
@@ -142,6 +143,41 @@ def save_checkpoint(
 def is_authors_checkpoint(obj: Any) -> bool:
     """Whether ``obj`` (a loaded file) has the layout of the authors' released ``ckpt.pth``."""
     return isinstance(obj, Mapping) and isinstance(obj.get("net_model_state_dict"), Mapping)
+
+
+def _run_numbers(folder: Path, prefix: str) -> list[str]:
+    """Names of ``folder``'s sub-runs ``<prefix>N`` that hold a ``best.pt``, by number."""
+    found = [p.name for p in folder.glob(f"{prefix}*") if (p / "best.pt").is_file()]
+    tail = len(prefix)
+    return sorted(found, key=lambda n: (0, int(n[tail:]), "") if n[tail:].lstrip("-").isdigit() else (1, 0, n))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: the file itself, or a run folder's ``best.pt`` — the
+    one rule of every command that takes a model (``evaluate``, ``segment``, ``export``,
+    ``name``; ``hpseg.Segmenter.from_checkpoint``, :func:`load_model`).
+
+    Raises:
+        HPSegError: nothing there, or a folder without ``best.pt`` — naming what it holds instead
+            (one run per seed or per K, an unfinished run) and what to give.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise HPSegError(f"{path} does not exist: give a run folder (e.g. runs/photos) or a checkpoint file (best.pt)")
+    if (path / "best.pt").is_file():
+        return path / "best.pt"
+    for prefix, what in (("seed-", "seed"), ("k-", "K (hpseg sweep-k)")):
+        runs = _run_numbers(path, prefix)
+        if runs:
+            raise HPSegError(f"{path} holds one run per {what} ({', '.join(runs)}): give one of them, "
+                             f"e.g. {path / runs[0]}")
+    if (path / "last.pt").is_file():
+        raise HPSegError(f"{path} holds an unfinished run (last.pt, no best.pt yet): finish it by typing its "
+                         "hpseg train command again")
+    raise HPSegError(f"{path} holds no best.pt: give a run folder that finished training (hpseg train …) "
+                     "or a checkpoint file")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -314,7 +350,8 @@ def load_model(
     """An :class:`HPModel` in eval mode from our checkpoint or the authors' ``ckpt.pth``.
 
     Args:
-        path: checkpoint file; the layout is detected.
+        path: checkpoint file (the layout is detected) or run folder (its ``best.pt``:
+            :func:`resolve_checkpoint`).
         backbone: backbone name. For the authors' files it names the backbone (default: read
             from the ``model.*`` weights, e.g. ``dino_vits8``); our files record theirs.
         weights: backbone weights for authors' files that hold none (``model.*`` absent).
@@ -326,7 +363,7 @@ def load_model(
     Raises:
         HPSegError: missing/unreadable file, unknown layout, mismatching backbone or classes.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path, map_location)
     if isinstance(ckpt, Mapping) and ckpt.get("format") == FORMAT:
         model, state = _load_ours(ckpt, path, backbone, weights)

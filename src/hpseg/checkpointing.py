@@ -60,6 +60,7 @@ from hpseg.runtime import Runtime
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "REQUESTED_FILE",
     "Checkpointer",
     "StopRequest",
     "TrainState",
@@ -72,6 +73,8 @@ __all__ = [
 ]
 
 LAST_FORMAT_VERSION = 2
+#: the settings as given (preset + overrides), before hpseg fitted them to the data (config.yaml)
+REQUESTED_FILE = "requested.yaml"
 
 
 @dataclass
@@ -447,10 +450,18 @@ def suggest_out_dir(out_dir: Path, key: str, value: Any) -> Path:
     return candidate
 
 
-def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """Before training into ``out_dir`` with ``config`` (``Config.to_dict``): the stored
-    ``train_summary.json`` (plus ``"already_finished": True``) when the folder holds a finished
-    run of the same settings; None when there is nothing there or an unfinished run to resume.
+def check_run_folder(out_dir: Path, config: dict[str, Any], *,
+                     requested: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Before training into ``out_dir`` with ``config`` (``Config.to_dict``, the settings the run
+    will use): the stored ``train_summary.json`` (plus ``"already_finished": True``) when the
+    folder holds a finished run of the same settings; None when there is nothing there or an
+    unfinished run to resume.
+
+    ``requested`` are the settings as given, before :func:`hpseg.schedule.fit_schedule` fitted
+    them to the folder: a finished run is the same run when they equal its stored
+    ``requested.yaml`` (the same command typed again), even where hpseg's fitted values differ
+    (the folder changed) — or when the fitted settings are equal. An unfinished run resumes only
+    with the settings it ran with.
 
     Raises:
         HPSegError: the folder holds a run of other settings (names them and a new folder).
@@ -463,6 +474,9 @@ def check_run_folder(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
         return None
     before = _read_run_file(saved, yaml.safe_load)
     changed = changed_settings(before, config, finished=finished)
+    typed = out_dir / REQUESTED_FILE
+    if changed and finished and requested is not None and typed.is_file():  # compare what was typed
+        changed = changed_settings(yaml.safe_load(typed.read_text(encoding="utf-8")) or {}, requested, finished=True)
     if changed:
         key, _, new = changed[0]
         listing = "; ".join(f"{k} {a!r} → {b!r}" for k, a, b in changed[:3]) + ("; …" if len(changed) > 3 else "")

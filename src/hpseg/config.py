@@ -370,6 +370,17 @@ def validate(cfg: Config) -> None:
             raise HPSegError(message)
 
 
+def check_resolutions(cfg: Config, patch: int, backbone: str, *, training: bool = True) -> None:
+    """Refuse a ``data.resolution`` (when ``training``) or ``data.eval_resolution`` that is not
+    a multiple of the backbone's ``patch`` size, naming the setting and a value that fits."""
+    keys = ("resolution", "eval_resolution") if training else ("eval_resolution",)
+    for key in keys:
+        value = int(getattr(cfg.data, key))
+        if value % patch:
+            raise HPSegError(f"data.{key}={value} is not a multiple of the patch size {patch} of {backbone}: set "
+                             f"data.{key}={max(patch, round(value / patch) * patch)} (any multiple of {patch})")
+
+
 def require_data_root(cfg: Config) -> None:
     """Raise :class:`HPSegError` when the dataset needs ``data.root`` and it is not set."""
     if cfg.data.dataset != "synthetic" and not cfg.data.root:
@@ -426,6 +437,7 @@ __all__ = [
     "apply_overrides",
     "available_presets",
     "build_config",
+    "check_resolutions",
     "config_from_dict",
     "describe",
     "load_preset",

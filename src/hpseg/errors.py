@@ -30,13 +30,14 @@ class UnreadableFileError(HPSegError):
         self.path = None if path is None else Path(path)
 
     @classmethod
-    def for_file(cls, path: str | Path, reason: str) -> UnreadableFileError:
-        """The error for ``path``, with a message naming the file, the problem and the fix."""
-        return cls(
-            f"cannot read {path} ({reason}): the file is missing or damaged; re-download or re-extract it, "
-            "or delete it and its entry from the image list",
-            path,
-        )
+    def for_file(cls, path: str | Path, reason: str, fix: str | None = None) -> UnreadableFileError:
+        """The error for ``path``, with a message naming the file, the problem and the fix (by
+        default what fits any folder of images: restore a missing file, replace or delete a
+        damaged one)."""
+        if fix is None:
+            fix = ("restore it or check the path" if "not found" in reason
+                   else "replace it with a readable copy, or delete it")
+        return cls(f"cannot read {path} ({reason}): {fix}", path)
 
     def __reduce__(self) -> tuple[type[UnreadableFileError], tuple[str, Path | None]]:
         return (type(self), (str(self), self.path))

@@ -40,8 +40,8 @@ from hpseg.segmenter import DEFAULT_HEAD, train_resolution
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "ExportNet", "default_image_size", "export_model", "format_from_suffix", "run_exported",
-           "verify_export"]
+__all__ = ["DEFAULT_NAMES", "FORMATS", "ExportNet", "default_export_path", "default_image_size", "export_model",
+           "format_from_suffix", "run_exported", "verify_export"]
 
 FORMATS = ("onnx", "torchscript")
 
@@ -149,6 +149,18 @@ def default_image_size(model: HPModel) -> tuple[int, int]:
     res = train_resolution(model)
     res = max(p, res - res % p)
     return res, res
+
+
+#: default file names of the exports: names that cannot be mistaken for a checkpoint (best.pt)
+DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+
+
+def default_export_path(checkpoint: str | Path, format: str) -> Path:
+    """Where ``hpseg export`` writes without ``--out``: ``model.onnx`` / ``model.ts`` next to
+    ``checkpoint`` (in its run folder)."""
+    if format not in FORMATS:
+        raise HPSegError(f"export format must be onnx or torchscript, not {format!r}")
+    return Path(checkpoint).parent / DEFAULT_NAMES[format]
 
 
 def format_from_suffix(path: Path) -> str | None:

@@ -174,12 +174,24 @@ def read_image_tensor(path: str | os.PathLike[str]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+#: how far float pixels may stray outside [0, 1] (resampling overshoot) before they are refused
+UNIT_TOLERANCE = 0.02
+
+
 def _unit_range(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() and float(t.max()) > 1.5:
-        raise HPSegError(
-            f"float images must be in [0, 1], got values up to {float(t.max()):.1f}: divide by 255 "
-            "(or pass uint8)"
-        )
+    """Float RGB in [0, 1], clamped; refused when it is not: 0–255 values, or ImageNet-normalised
+    ones (negative), which would otherwise be segmented as a different, clipped image."""
+    if t.numel():
+        low, high = float(t.min()), float(t.max())
+        if low < -UNIT_TOLERANCE:
+            raise HPSegError(
+                f"float images must be raw RGB in [0, 1], got values down to {low:.2f}: this looks ImageNet-"
+                "normalised; pass the image before normalisation (hpseg.imaging.denormalize undoes it)"
+            )
+        if high > 1.0 + UNIT_TOLERANCE:
+            raise HPSegError(
+                f"float images must be raw RGB in [0, 1], got values up to {high:.1f}: divide by 255 (or pass uint8)"
+            )
     return t.clamp(0.0, 1.0)
 
 

@@ -161,15 +161,18 @@ def _file_kind(path: Path) -> str | None:
     size = path.stat().st_size
     if size == 0:
         return "an empty file (0 bytes; a save that never finished?)"
-    if path.suffix.lower() == ".onnx":
-        return "an ONNX export (hpseg export), not a checkpoint"
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    # ONNX: a protobuf ModelProto, ir_version (field 1) first, then the producer's name
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower())):
+        return "an ONNX export (hpseg export), not a checkpoint: run it with onnxruntime"
     import zipfile
 
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "a TorchScript export (hpseg export --format torchscript), not a checkpoint"
+            return "a TorchScript export (hpseg export --format torchscript), not a checkpoint: run it with torch.jit.load"
     return None
 
 

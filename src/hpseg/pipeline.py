@@ -16,23 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from hpseg import distributed as dist
 from hpseg.backbones import Backbone, build_backbone
-from hpseg.checkpoint import load_model, read_checkpoint, set_cluster_names
-from hpseg.checkpointing import check_run_folder, removed_on_failure, seed_folder_states
+from hpseg.checkpoint import load_model, read_checkpoint, resolve_checkpoint, set_cluster_names
+from hpseg.checkpointing import REQUESTED_FILE, check_run_folder, removed_on_failure, seed_folder_states
 from hpseg.clustering import kmeans
 from hpseg.config import (
-    PAPER_DATASETS,
     Config,
     apply_overrides,
     build_config,
+    check_resolutions,
     config_from_dict,
     require_data_root,
     run_dir,
 )
-from hpseg.data import build_dataset
+from hpseg.data.holdout import (
+    HELD_OUT_FILE,
+    holdout_indices,
+    write_held_out,
+)
 from hpseg.diagnostics import cluster_usage, hidden_positive_diagnostics
 from hpseg.errors import HPSegError
 from hpseg.evaluate import (
@@ -51,6 +56,16 @@ from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
 from hpseg.preemption import QuietWorkersLoader, run_folder_lock
 from hpseg.results import RANDOM_WEIGHTS, Protocol, Results, aggregate_seeds
+from hpseg.run_data import (
+    baseline_train_set,
+    build_train_set,
+    build_val_set,
+    held_out_files,
+    holds_out,
+    record_skipped,
+    require_enough_images,
+    validation_subset,
+)
 from hpseg.runtime import Runtime, make_deterministic, seed_everything
 from hpseg.train import ReferencePools, fit
 
@@ -64,6 +79,7 @@ __all__ = [
     "build_val_set",
     "evaluate_checkpoint",
     "evaluate_path",
+    "holdout_indices",
     "name_clusters",
     "run_baseline",
     "TrainingRun",
@@ -86,115 +102,11 @@ def build_runtime(cfg: Config, *, progress: bool | None = None) -> Runtime:
                           local_rank=dist.local_rank(), progress=cfg.train.progress if progress is None else progress)
 
 
-def _dataset_kwargs(cfg: Config, *, train: bool) -> dict[str, Any]:
-    d = cfg.data
-    if d.dataset == "synthetic":
-        return {"n_classes": d.synthetic_classes, "seed": d.synthetic_seed,
-                "n_images": d.synthetic_train_images if train else d.synthetic_val_images}
-    kwargs: dict[str, Any] = {"interpolation": d.interpolation, "aug_on_normalized": d.aug_on_normalized}
-    if d.dataset == "folder":
-        kwargs.update(n_classes=d.n_classes, class_names=d.class_names, max_skipped_fraction=d.max_skipped_fraction)
-    return kwargs
-
-
-class _Picked(Dataset):
-    """The items ``indices`` of ``dataset``; other attributes (``class_names``, ``n_classes``,
-    ``has_labels``) are the dataset's, ``name(i)`` is the name of the picked item. Unlike
-    ``torch.utils.data.Subset`` it has no ``__getitems__``, which would bypass the seeded
-    wrapper of the training loader (:class:`hpseg.data.sampler.SeededItems`)."""
-
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
-
-    def name(self, index: int) -> str:
-        return str(self.dataset.name(self.indices[index]))  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "indices"):  # not yet set (unpickling)
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def _subset(ds: Dataset, indices: list[int]) -> Dataset:
-    """The items ``indices`` of ``ds``, keeping its ``class_names`` and ``n_classes``."""
-    return _Picked(ds, indices)
-
-
-def holdout_indices(names: list[str], fraction: float) -> tuple[list[int], list[int]]:
-    """``(training, held-out)`` indices of items called ``names``: the ``round(fraction · n)``
-    (at least one, leaving at least two for training) whose SHA-1 of the name sorts first.
-
-    The choice depends on each name only, so adding images to a folder moves few of the others.
-    """
-    import hashlib
-
-    n = len(names)
-    k = min(max(1, round(fraction * n)), n - 2) if fraction > 0 else 0
-    order = sorted(range(n), key=lambda i: hashlib.sha1(names[i].encode("utf-8")).hexdigest())
-    held = sorted(order[:k]) if k > 0 else []
-    held_set = set(held)
-    return [i for i in range(n) if i not in held_set], held
-
-
-def _holds_out(cfg: Config) -> bool:
-    """Whether training and validation images come from one folder split by ``data.holdout``."""
-    d = cfg.data
-    if d.dataset != "folder" or d.holdout <= 0 or not d.root:
-        return False
-    root = Path(d.root).expanduser()
-    return d.train_split == d.val_split or not ((root / d.train_split).is_dir() or (root / d.val_split).is_dir())
-
-
-def _split(cfg: Config, ds: Dataset, part: int) -> Dataset:
-    """The training (``part=0``) or held-out (``part=1``) images of a folder with ``data.holdout``."""
-    if not _holds_out(cfg):
-        return ds
-    names = [ds.name(i) for i in range(len(ds))]  # type: ignore[attr-defined, arg-type]
-    return _subset(ds, holdout_indices(names, cfg.data.holdout)[part])
-
-
-def build_train_set(cfg: Config) -> Dataset:
-    """The training dataset (train transforms with the photometric view); without the held-out
-    images of a folder with ``data.holdout``."""
-    require_data_root(cfg)
-    d = cfg.data
-    kwargs = _dataset_kwargs(cfg, train=True)
-    if d.dataset in PAPER_DATASETS:
-        kwargs.update(five_crop=d.five_crop, crop_ratio=d.crop_ratio)
-    return _split(cfg, build_dataset(d.dataset, d.root, d.train_split, mode="train", resolution=d.resolution,
-                                     **kwargs), 0)
-
-
-def build_val_set(cfg: Config, split: str | None = None) -> Dataset:
-    """The evaluation dataset (resize + centre crop at ``data.eval_resolution``): the held-out
-    images of a folder with ``data.holdout``, at most ``data.max_val_images``."""
-    require_data_root(cfg)
-    d = cfg.data
-    ds = build_dataset(d.dataset, d.root, split or d.val_split, mode="eval", resolution=d.eval_resolution,
-                       **_dataset_kwargs(cfg, train=False))
-    ds = _split(cfg, ds, 1) if split is None or split == d.val_split else ds
-    if d.max_val_images is not None and d.max_val_images < len(ds):  # type: ignore[arg-type]
-        return _subset(ds, list(range(d.max_val_images)))
-    return ds
-
-
-def _baseline_train_set(cfg: Config) -> Dataset:
-    """Training images with evaluation transforms (no augmentation): k-means fitting data."""
-    d = cfg.data
-    return _split(cfg, build_dataset(d.dataset, d.root, d.train_split, mode="eval", resolution=d.resolution,
-                                     **_dataset_kwargs(cfg, train=True)), 0)
-
-
 def build_model(cfg: Config, n_classes: int, class_names: list[str]) -> HPModel:
     """A fresh HP model: the configured frozen backbone and newly initialised heads."""
     m = cfg.model
     backbone = build_backbone(m.backbone, m.weights, pretrained=m.pretrained, img_size=cfg.data.resolution)
+    check_resolutions(cfg, int(backbone.patch_size), m.backbone)
     return HPModel.create(backbone, dim=m.dim, n_classes=n_classes, n_clusters=m.n_clusters or n_classes,
                           class_names=class_names, dropout=m.dropout, config=cfg.to_dict())
 
@@ -220,7 +132,7 @@ def protocol_for(cfg: Config, runtime: Runtime, output: EvalOutput, *, n_cluster
     backbone's, default :func:`backbone_weights` of ``cfg``)."""
     matching = (f"{cfg.eval.matching} (cluster probe; unmatched clusters count as errors); linear probe unmatched"
                 if output.labelled else "none (no labels)")
-    split = f"held-out {cfg.data.holdout:.0%} of the folder" if _holds_out(cfg) else cfg.data.val_split
+    split = f"held-out {cfg.data.holdout:.0%} of the folder" if holds_out(cfg) else cfg.data.val_split
     return Protocol(
         dataset=cfg.data.dataset, split=split, n_images=output.n_images,
         eval_resolution=cfg.data.eval_resolution, crf=cfg.eval.crf, n_clusters=n_clusters, n_classes=n_classes,
@@ -264,32 +176,6 @@ def make_validator(cfg: Config, val_set: Dataset, runtime: Runtime) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
-def _validation_subset(val_set: Dataset, n: int | None) -> Dataset:
-    """``n`` validation images spread evenly over ``val_set`` (all when ``n`` is None or larger)."""
-    total = len(val_set)  # type: ignore[arg-type]
-    if n is None or n >= total:
-        return val_set
-    return _subset(val_set, sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)}))
-
-
-def _record_skipped(out_dir: Path, runtime: Runtime, *datasets: Dataset) -> None:
-    """List the images ``datasets`` left out as unreadable in ``out_dir/skipped.txt``
-    (``path<TAB>reason`` per line; removed when none was)."""
-    skipped: dict[Path, str] = {}
-    for ds in datasets:
-        while not hasattr(ds, "skipped") and hasattr(ds, "dataset"):  # Subset, SeededItems
-            ds = ds.dataset
-        skipped.update(getattr(ds, "skipped", []))
-    target = out_dir / "skipped.txt"
-    if not runtime.is_main:
-        return
-    if skipped:
-        atomic_write_text(target, "".join(f"{p}\t{r}\n" for p, r in skipped.items()))
-        log.warning("%d unreadable image(s) left out, listed in %s", len(skipped), target)
-    elif target.exists():
-        target.unlink()
-
-
 def train_one(cfg: Config, out_dir: Path, runtime: Runtime | None = None) -> dict[str, Any]:
     """Train one seed into ``out_dir`` (resuming if it holds ``last.pt``); folder runs train with
     a schedule fitted to the folder (:func:`hpseg.schedule.fit_schedule`). The folder is locked
@@ -310,15 +196,22 @@ def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) ->
     seed_everything(cfg.train.seed)  # every rank alike: one model, random backbones included, and one stream
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
+    require_enough_images(cfg, train_set, val_set)
+    requested = cfg.to_dict()
     cfg = fit_schedule(cfg, len(train_set), len(val_set), runtime.world_size).config  # type: ignore[arg-type]
-    finished = check_run_folder(out_dir, cfg.to_dict())
+    finished = check_run_folder(out_dir, cfg.to_dict(), requested=requested)
     if finished is not None:  # the same settings, already trained: nothing to do
         return finished
+    model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    model = build_model(cfg, int(val_set.n_classes), list(val_set.class_names))  # type: ignore[attr-defined]
-    _record_skipped(out_dir, runtime, train_set, val_set)
+        atomic_write_text(out_dir / REQUESTED_FILE, "# the settings as given, before hpseg fitted them to the data "
+                          "(config.yaml: what the run used)\n" + yaml.safe_dump(requested, sort_keys=False))
+        if holds_out(cfg):
+            write_held_out(out_dir, held_out_files(val_set), root=Path(str(cfg.data.root)).expanduser().resolve(),
+                           fraction=cfg.data.holdout)
+    record_skipped(out_dir, runtime, train_set, val_set)
     if cfg.train.cache_features:
         from hpseg.feature_cache import CachedFeatures
 
@@ -331,7 +224,7 @@ def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) ->
                     "figures say nothing about the pretrained one", cfg.model.backbone)
     return fit(model, train_set, train=cfg.train, loss=cfg.loss, runtime=runtime, out_dir=out_dir,
                config=cfg.to_dict(), num_workers=cfg.data.num_workers,
-               validate=make_validator(cfg, _validation_subset(val_set, cfg.train.valid_images), runtime))
+               validate=make_validator(cfg, validation_subset(val_set, cfg.train.valid_images), runtime))
 
 
 def _say_seed_states(out_dir: Path, seeds: list[int], runtime: Runtime) -> None:
@@ -399,7 +292,7 @@ def _model_config(model: HPModel, preset: str | None, overrides: list[str]) -> C
 def refit_centroids(cfg: Config, model: HPModel, runtime: Runtime) -> torch.Tensor:
     """The refitted cluster probe (``eval.cluster_refit``): spherical k-means with K clusters
     on the segmentation head's code of (up to 100,000 patches of) the training images."""
-    loader = eval_loader(_baseline_train_set(cfg), cfg)
+    loader = eval_loader(baseline_train_set(cfg), cfg)
     x = patch_sample(lambda im: model.head(model.backbone.features(im)), loader, runtime, max_patches=100_000,
                      seed=cfg.train.seed)
     return kmeans(x, model.n_clusters, seed=cfg.train.seed)
@@ -421,6 +314,7 @@ def evaluate_checkpoint(
     """
     model = load_model(checkpoint, backbone=backbone)
     cfg = _model_config(model, preset, overrides or [])
+    check_resolutions(cfg, int(model.backbone.patch_size), model.spec.backbone, training=False)
     runtime = build_runtime(cfg)
     model.to(runtime.device).eval()
     val_set = build_val_set(cfg)
@@ -454,10 +348,10 @@ def evaluate_checkpoint(
         from hpseg.evaluate import write_results
         from hpseg.report import write_report
 
-        curve = checkpoint.parent / "training_curve.png"
-        if curve.is_file():  # the run's training curve joins its evaluation (and its report)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(curve, out_dir / "training_curve.png")
+        for name in ("training_curve.png", HELD_OUT_FILE):  # the run's curve and held-out list join its evaluation
+            if (checkpoint.parent / name).is_file():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(checkpoint.parent / name, out_dir / name)
         write_results(out_dir, results, output)
         write_report(out_dir)
     return results
@@ -488,17 +382,11 @@ def evaluate_path(
     For a multi-seed folder every seed is evaluated into ``seed-N/eval`` and the folder's
     ``results.json`` holds the per-seed metrics (``seeds``) and their mean ± std (``metrics``).
     """
-    if path.is_file():
-        return evaluate_checkpoint(path, overrides, preset=preset, out_dir=out_dir, backbone=backbone,
-                                   baseline=baseline)
-    if not path.is_dir():
-        raise HPSegError(f"{path} does not exist: give a checkpoint file (.pt/.pth) or a run folder")
-    seeds = find_seed_runs(path)
+    seeds = find_seed_runs(path) if path.is_dir() else []
     if not seeds:
-        if not (path / "best.pt").is_file():
-            raise HPSegError(f"{path} holds no best.pt and no seed-*/best.pt: train first (hpseg train …)")
-        return evaluate_checkpoint(path / "best.pt", overrides, preset=preset, out_dir=out_dir or path / "eval",
-                                   backbone=backbone, baseline=baseline)
+        checkpoint = resolve_checkpoint(path)  # a file, or a run folder's best.pt
+        return evaluate_checkpoint(checkpoint, overrides, preset=preset, backbone=backbone, baseline=baseline,
+                                   out_dir=out_dir or (path / "eval" if path.is_dir() else None))
     runs = [evaluate_checkpoint(f / "best.pt", overrides, preset=preset, out_dir=f / "eval", backbone=backbone,
                                 baseline=baseline) for f in seeds]
     per_seed = {f.name: {**r.metrics, **({"k-means baseline": r.baseline["unsupervised"]} if r.baseline else {})}
@@ -516,7 +404,7 @@ def baseline_for(cfg: Config, backbone: Backbone, n_clusters: int, runtime: Runt
                  n_gallery: int = 0) -> EvalOutput:
     """k-means (K = ``n_clusters``) on the frozen backbone's features, on the configured data."""
     val_set = build_val_set(cfg)
-    return kmeans_baseline(backbone, eval_loader(_baseline_train_set(cfg), cfg), eval_loader(val_set, cfg), runtime,
+    return kmeans_baseline(backbone, eval_loader(baseline_train_set(cfg), cfg), eval_loader(val_set, cfg), runtime,
                            n_clusters=n_clusters, n_classes=int(val_set.n_classes),  # type: ignore[attr-defined]
                            matching=cfg.eval.matching, seed=cfg.train.seed, n_gallery=n_gallery)
 
@@ -529,7 +417,7 @@ def label_free_for(cfg: Config, model: HPModel | None, backbone: Backbone, n_clu
     if model is not None:
         predictors["HP"] = (hp_predictor(model), model.n_clusters)
     if with_kmeans:
-        centroids = kmeans_centroids(backbone, eval_loader(_baseline_train_set(cfg), cfg), runtime,
+        centroids = kmeans_centroids(backbone, eval_loader(baseline_train_set(cfg), cfg), runtime,
                                      n_clusters=n_clusters, seed=cfg.train.seed)
         predictors["k-means"] = (kmeans_predictor(backbone, centroids), n_clusters)
     return label_free_evaluation(predictors, eval_loader(build_val_set(cfg), cfg), runtime, n_gallery=n_gallery)
@@ -542,6 +430,7 @@ def run_baseline(preset: str | None, overrides: list[str]) -> Results:
     backbone = build_backbone(cfg.model.backbone, cfg.model.weights, pretrained=cfg.model.pretrained,
                               img_size=cfg.data.resolution).to(runtime.device)
     val_set = build_val_set(cfg)
+    require_enough_images(cfg, baseline_train_set(cfg) if cfg.data.dataset == "folder" else val_set, val_set)
     n_classes, class_names = int(val_set.n_classes), list(val_set.class_names)  # type: ignore[attr-defined]
     k = cfg.model.n_clusters or n_classes
     if not getattr(val_set, "has_labels", True):  # nothing to score: the label-free figures of k-means
@@ -569,6 +458,7 @@ def name_clusters(run: Path, names: dict[int, str]) -> list[Path]:
     ``results.json`` when there is one. Returns the files changed."""
     files = [run] if run.is_file() else [p for p in (run / "best.pt", run / "final.pt") if p.is_file()]
     if not files:
+        resolve_checkpoint(run)  # says what the folder holds instead (one run per K or seed, an unfinished run)
         raise HPSegError(f"{run} holds no best.pt or final.pt: give a run folder or a checkpoint file")
     from hpseg.model import ModelSpec
 

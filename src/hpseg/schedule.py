@@ -8,6 +8,9 @@ renewed and every iteration ends with a full validation. :func:`fit_schedule` de
 folder training (``data.dataset=folder`` with ``train.auto_schedule=true``), values that fit the
 run's length ``M`` and the folder's size, and says why:
 
+* the batch: ``train.batch_size`` when the folder's training images fill it, else all of them
+  (a folder of 3 photos trains on batches of its 2 training photos; the README's command works
+  on any folder from 3 images up);
 * counting on the global iteration (``train.counting=global``) when an epoch is shorter than
   the renewal or validation interval (no validation at every epoch's end);
 * warm-up ``⌊WARMUP_FRACTION · M⌋`` when the configured one exceeds ``MAX_WARMUP_FRACTION · M``
@@ -36,7 +39,8 @@ from hpseg.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOGS", "MAX_VALIDATION_RATE", "MAX_WARMUP_FRACTION", "VALIDATIONS", "VALID_IMAGES", "WARMUP_FRACTION", "FittedSchedule", "fit_schedule"]
+__all__ = ["LOGS", "MAX_VALIDATION_RATE", "MAX_WARMUP_FRACTION", "MIN_BATCH", "VALIDATIONS", "VALID_IMAGES",
+           "WARMUP_FRACTION", "FittedSchedule", "fit_schedule", "fitted_batch_size", "run_length"]
 
 #: warm-up as a fraction of the run when the configured one does not fit
 WARMUP_FRACTION = 0.2
@@ -52,6 +56,8 @@ MAX_VALIDATION_RATE = 0.1
 VALID_IMAGES = 16
 #: training-log entries per run when the configured frequency gives too few
 LOGS = 20
+#: the smallest batch per process (positives are mined across the images of a batch)
+MIN_BATCH = 2
 
 
 @dataclass
@@ -77,6 +83,16 @@ def run_length(cfg: Config, n_train: int, world_size: int = 1) -> tuple[int, int
     return per_epoch, total
 
 
+def fitted_batch_size(batch_size: int, n_train: int, world_size: int = 1) -> int:
+    """The batch of a folder run: ``batch_size``, or the most images ``n_train`` fills when it is
+    fewer (a multiple of ``world_size``, at least ``MIN_BATCH`` per process); ``batch_size``
+    when even that is out of reach (training then refuses the folder with its own message)."""
+    if n_train >= batch_size:
+        return batch_size
+    fits = n_train // world_size * world_size
+    return fits if fits >= MIN_BATCH * world_size else batch_size
+
+
 def fit_schedule(cfg: Config, n_train: int, n_val: int, world_size: int = 1) -> FittedSchedule:
     """The schedule of ``cfg`` fitted to ``n_train`` training and ``n_val`` validation images.
 
@@ -86,16 +102,21 @@ def fit_schedule(cfg: Config, n_train: int, n_val: int, world_size: int = 1) -> 
     """
     fitted = config_from_dict(cfg.to_dict())
     out = FittedSchedule(fitted)
-    per_epoch, total = run_length(cfg, n_train, world_size)
     lo, t = fitted.loss, fitted.train
-    if cfg.data.dataset == "folder" and cfg.train.auto_schedule and total >= 1:
+    auto = cfg.data.dataset == "folder" and cfg.train.auto_schedule
 
-        def change(key: str, section: object, name: str, value: object, why: str) -> None:
-            before = getattr(section, name)
-            if before != value:
-                setattr(section, name, value)
-                out.changes[key] = (before, value, why)
+    def change(key: str, section: object, name: str, value: object, why: str) -> None:
+        before = getattr(section, name)
+        if before != value:
+            setattr(section, name, value)
+            out.changes[key] = (before, value, why)
 
+    batch = fitted_batch_size(cfg.train.batch_size, n_train, world_size)
+    if auto and batch != t.batch_size:
+        change("train.batch_size", t, "batch_size", batch,
+               f"{n_train} training images, fewer than one batch of {t.batch_size}: each batch takes them all")
+    per_epoch, total = run_length(fitted, n_train, world_size)
+    if auto and total >= 1:
         if t.counting == "epoch" and per_epoch < max(lo.renew_interval, t.valid_freq):
             change("train.counting", t, "counting", "global",
                    f"an epoch has {per_epoch} iteration(s), fewer than the renewal/validation intervals")

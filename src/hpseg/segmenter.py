@@ -275,11 +275,12 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, backbone: str | None = None, **kwargs: Any) -> Segmenter:
-        """A segmenter for an hpseg checkpoint or the authors' ``ckpt.pth`` (keyword arguments as
+        """A segmenter for an hpseg checkpoint or run folder, or the authors' ``ckpt.pth`` (keyword arguments as
         for the constructor). The checkpoint's cluster names or cluster → class assignment are
         used when present; the authors' files carry neither (raw cluster ids)."""
-        from hpseg.checkpoint import load_model
+        from hpseg.checkpoint import load_model, resolve_checkpoint
 
+        path = resolve_checkpoint(path)  # a run folder: its best.pt
         seg = cls(load_model(path, backbone=backbone), **kwargs)
         seg.source = str(path)
         return seg
@@ -308,6 +309,12 @@ class Segmenter:
     def n_labels(self) -> int:
         """Number of label values (excluding :data:`~hpseg.viz.IGNORE`)."""
         return len(self.label_names)
+
+    @property
+    def has_no_class(self) -> bool:
+        """Whether a pixel may get :data:`~hpseg.viz.IGNORE` (a cluster matched to no class)."""
+        return (self.head == "cluster" and self.cluster_names is None and self.assignment is not None
+                and IGNORE in self.assignment)
 
     @property
     def label_meaning(self) -> str:
@@ -441,7 +448,11 @@ class Segmenter:
 
     # -- public ---------------------------------------------------------------------------------
     def predict(self, image: Any) -> np.ndarray:
-        """Label map ``(H, W)`` int64 at the input's size (values: :attr:`label_meaning`)."""
+        """Label map ``(H, W)`` int64 at the input's size (values: :attr:`label_meaning`).
+
+        ``image``: a path, PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor of **raw RGB**
+        (uint8, or float in [0, 1]; normalised here). ImageNet-normalised or 0–255 float input
+        is refused (:class:`~hpseg.errors.HPSegError`); :meth:`HPModel.scores` takes normalised batches."""
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[Any]) -> list[np.ndarray]:
@@ -479,10 +490,11 @@ class Segmenter:
             "label_meaning": self.label_meaning,
             "labels": [{"value": i, "name": name, "color": [int(c) for c in pal[i]], "hex": hex_colour(pal[i])}
                        for i, name in enumerate(self.label_names)],
-            "ignore": {"value": IGNORE, "png_value": PNG_IGNORE, "color": [0, 0, 0],
-                       "meaning": "cluster matched to no class"},
             "window": self.window, "overlap": self.overlap, "resolution": self.resolution, "crf": self.crf,
         }
+        if self.has_no_class:  # only then can a pixel carry it
+            doc["ignore"] = {"value": IGNORE, "png_value": PNG_IGNORE, "color": [0, 0, 0],
+                             "meaning": "cluster matched to no class"}
         if self.assignment is not None:
             doc["assignment"] = list(self.assignment)
         if self.source:

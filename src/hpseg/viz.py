@@ -136,13 +136,16 @@ def read_label_png(path: str | Path) -> np.ndarray:
     return arr
 
 
-def legend_image(names: Sequence[str], ignore_name: str = "no class (unmatched / ignore)") -> Any:
-    """A PIL image listing a colour swatch, the label value and the name of each label."""
+def legend_image(names: Sequence[str], ignore_name: str | None = "no class (unmatched / ignore)") -> Any:
+    """A PIL image listing a colour swatch, the label value and the name of each label, and a
+    last row for :data:`PNG_IGNORE` named ``ignore_name`` (none when None: labels that never
+    take that value, e.g. the raw clusters of an unlabelled run)."""
     from PIL import Image, ImageDraw
 
     pal = palette(max(1, len(names)))
     rows = [(i, name, tuple(int(c) for c in pal[i])) for i, name in enumerate(names)]
-    rows.append((PNG_IGNORE, ignore_name, (0, 0, 0)))
+    if ignore_name is not None:
+        rows.append((PNG_IGNORE, ignore_name, (0, 0, 0)))
     row_h, width = 22, 420
     img = Image.new("RGB", (width, row_h * len(rows) + 8), (255, 255, 255))
     draw = ImageDraw.Draw(img)
@@ -155,11 +158,12 @@ def legend_image(names: Sequence[str], ignore_name: str = "no class (unmatched /
 
 def save_legend(legend: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     """``legend.json`` (the document as given) and ``legend.png`` (swatches and names of its
-    ``labels``) in ``folder``."""
+    ``labels``, and of its ``ignore`` value when it has one) in ``folder``."""
     json_path = folder / "legend.json"
     atomic_write_text(json_path, json.dumps(legend, indent=2))
     names = [str(row["name"]) for row in legend["labels"]]
-    png_path = save_image(legend_image(names), folder / "legend.png")
+    png_path = save_image(legend_image(names, "no class (unmatched cluster)" if legend.get("ignore") else None),
+                          folder / "legend.png")
     return json_path, png_path
 
 

@@ -235,7 +235,9 @@ def build_backbone(
             f"of a supported family ({supported_families()})"
         )
     if img_size % reg.patch_size:
-        raise HPSegError(f"img_size {img_size} is not a multiple of the patch size {reg.patch_size}")
+        p = reg.patch_size
+        raise HPSegError(f"data.resolution={img_size} is not a multiple of the patch size {p} of {name}: set "
+                         f"data.resolution={max(p, round(img_size / p) * p)} (any multiple of {p})")
     grid = img_size // reg.patch_size
     arch = BackboneArch(
         name, reg.patch_size, reg.embed_dim, reg.depth, num_heads or reg.num_heads, (grid, grid)

@@ -65,7 +65,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(format_iou_table(results.metrics["unsupervised"].iou, results.class_names))
     if args.json:
         print(json.dumps(results.to_dict(), indent=2))
+    reports = _reports_written(Path(args.path), Path(args.out) if args.out else None)
+    for report in reports:
+        print(f"report: {report}")
+    if not reports:
+        print("no report written for a checkpoint file: add --out DIR, or evaluate its run folder")
     return 0
+
+
+def _reports_written(path: Path, out: Path | None) -> list[Path]:
+    """The ``report.html`` files ``hpseg evaluate PATH [--out OUT]`` writes (one per seed for a
+    multi-seed run; none for a checkpoint file without ``--out``)."""
+    from hpseg.pipeline import find_seed_runs
+
+    seeds = find_seed_runs(path) if path.is_dir() else []
+    folders = [f / "eval" for f in seeds] if seeds else [out] if out else [path / "eval"] if path.is_dir() else []
+    return [f / "report.html" for f in folders if (f / "report.html").is_file()]
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -156,7 +171,10 @@ def cmd_name(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hpseg.report import write_report
 
-    print(f"report written: {write_report(Path(args.run_dir), out=Path(args.out) if args.out else None)}")
+    folder = Path(args.run_dir)
+    if not (folder / "results.json").is_file() and (folder / "eval" / "results.json").is_file():
+        folder = folder / "eval"  # a run folder: its evaluation, as `hpseg evaluate RUN` wrote it
+    print(f"report written: {write_report(folder, out=Path(args.out) if args.out else None)}")
     return 0
 
 

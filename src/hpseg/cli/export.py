@@ -10,8 +10,10 @@ from hpseg.errors import HPSegError
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hpseg export``."""
-    parser.add_argument("model", help="checkpoint: ours (best.pt) or the authors' ckpt.pth")
-    parser.add_argument("--out", required=True, help="output file (.onnx, or .pt/.ts for TorchScript)")
+    parser.add_argument("model", help="run folder (its best.pt), checkpoint (best.pt) or the authors' ckpt.pth")
+    parser.add_argument("--out", default=None,
+                        help="output file (.onnx, or .ts/.pt for TorchScript; default: model.onnx or model.ts "
+                        "next to the checkpoint, names no command takes for a checkpoint)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default=None,
                         help="onnx or torchscript (default: from --out's extension, else onnx)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -25,12 +27,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hpseg.checkpoint import load_model
-    from hpseg.export import default_image_size, export_model, format_from_suffix, verify_export
+    from hpseg.checkpoint import load_model, resolve_checkpoint
+    from hpseg.export import (
+        default_export_path,
+        default_image_size,
+        export_model,
+        format_from_suffix,
+        verify_export,
+    )
 
-    out = Path(args.out)
-    fmt = args.format or format_from_suffix(out) or "onnx"
-    model = load_model(args.model, backbone=args.backbone)
+    checkpoint = resolve_checkpoint(args.model)  # a run folder: its best.pt
+    fmt = args.format or (format_from_suffix(Path(args.out)) if args.out else None) or "onnx"
+    out = Path(args.out) if args.out else default_export_path(checkpoint, fmt)
+    model = load_model(checkpoint, backbone=args.backbone)
     size = (int(args.size[0]), int(args.size[1])) if args.size else default_image_size(model)
     export_model(model, out, format=fmt, image_size=size, head=args.head, opset=args.opset)
     channels = model.n_classes if args.head == "linear" else model.n_clusters

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_name)
 
     s = sub.add_parser("report", help="static HTML report of an evaluated run")
-    s.add_argument("run_dir", help="folder holding results.json (e.g. RUN/eval)")
+    s.add_argument("run_dir", help="folder holding results.json (RUN/eval), or the run folder RUN")
     s.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
     s.set_defaults(func=commands.cmd_report)
 
@@ -127,6 +127,31 @@ def _one_line(exc: HPSegError) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
 
 
+def _setting_hint(extra: list[str]) -> str:
+    """For an option that is a setting (``--epochs 5``, ``--batch-size=8``): ``; settings are
+    key=value: train.epochs=5``; else nothing."""
+    import difflib
+    from dataclasses import fields
+
+    from hpseg.config import Config
+
+    cfg = Config()
+    keys: dict[str, str] = {}  # short name → the first section's key (train.batch_size before eval.batch_size)
+    for section in (s.name for s in fields(cfg) if s.name != "preset"):
+        for f in fields(getattr(cfg, section)):
+            keys.setdefault(f.name, f"{section}.{f.name}")
+    for i, item in enumerate(extra):
+        name, sep, value = item[2:].partition("=")
+        name = name.replace("-", "_")
+        close = difflib.get_close_matches(name, list(keys), n=1) if item.startswith("--") else []
+        if close:
+            following = extra[i + 1] if i + 1 < len(extra) else ""
+            if not sep:
+                value = following if following and not following.startswith("-") and "=" not in following else "VALUE"
+            return f"; settings are key=value: {keys[close[0]]}={value}"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hpseg`` command. Returns the exit status."""
     parser = build_parser()
@@ -137,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # key=value settings may come after options (``evaluate RUN --out DIR data.root=…``)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_setting_hint(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)

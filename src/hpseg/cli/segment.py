@@ -23,9 +23,14 @@ def _resolution(value: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels, 'auto' or 'native'") from None
 
 
+def _images(n: int) -> str:
+    """``1 image``, ``3 images``."""
+    return f"{n} image{'' if n == 1 else 's'}"
+
+
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hpseg segment``."""
-    parser.add_argument("model", help="checkpoint: ours (best.pt) or the authors' ckpt.pth")
+    parser.add_argument("model", help="run folder (its best.pt), checkpoint (best.pt) or the authors' ckpt.pth")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (searched recursively) or quoted globs ('imgs/**/*.jpg')")
     parser.add_argument("--out", required=True, help="output folder (subfolders of folder inputs are mirrored)")
@@ -65,14 +70,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         progress=progress,
     )
     working = "native size" if segmenter.resolution is None else f"shorter side {segmenter.resolution} px"
-    log.info("segmenting %d images (%s head, %s, window %d px, overlap %.2f); labels: %s", len(files),
+    log.info("segmenting %s (%s head, %s, window %d px, overlap %.2f); labels: %s", _images(len(files)),
              segmenter.head, working, segmenter.window, segmenter.overlap, segmenter.label_meaning)
     summary = segment_files(segmenter, files, out_dir, write_overlay=not args.no_overlay, alpha=args.alpha,
                             progress=progress)
     done = len(files) - len(summary.skipped)
-    print(f"segmented {done} image(s) into {out_dir} at {working} (labels: {segmenter.label_meaning}; legend.json)")
+    print(f"segmented {_images(done)} into {out_dir} at {working} (labels: {segmenter.label_meaning}; legend.json)")
     if summary.skipped:
-        print(f"skipped {len(summary.skipped)} unreadable file(s), listed in {out_dir / 'skipped.txt'}:",
+        print(f"skipped {len(summary.skipped)} unreadable file{'' if len(summary.skipped) == 1 else 's'}, listed in {out_dir / 'skipped.txt'}:",
               file=sys.stderr)
         for path, reason in summary.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)

@@ -85,7 +85,8 @@ def read_label_png(path: str | Path) -> np.ndarray:
             mode = im.mode
             arr = np.asarray(im)
     except _READ_ERRORS as err:
-        raise UnreadableFileError.for_file(path, f"{type(err).__name__}: {err}") from err
+        raise UnreadableFileError.for_file(path, f"{type(err).__name__}: {err}",
+                                          "replace it with a readable copy of the label") from err
     if arr.ndim != 2:
         raise HPSegError(
             f"label file {path} has mode {mode} with {arr.shape[-1]} channels: labels must be "

@@ -20,7 +20,8 @@ Layout::
 * Every image is checked once when the dataset is built (:func:`hpseg.imaging.check_image_file`:
   a fast decode or checksum test, on a few threads): files that cannot be read (truncated, not an
   image) are left out, listed in :attr:`FolderDataset.skipped` and logged in one line; more than
-  ``max_skipped_fraction`` of the images unreadable is an error. The remaining images keep their
+  ``max_skipped_fraction`` of the images unreadable (or all of them) is an error: exactly that
+  fraction is tolerated (10 of 100 at 0.1, 29 of 100 at 0.29). The remaining images keep their
   sorted order, so data order (and exact resume) is deterministic while the folder is unchanged.
 
 :func:`hpseg.data.build_dataset` uses ``<root>/<split>`` as the folder when that sub-folder
@@ -173,7 +174,7 @@ class FolderDataset(SegmentationDataset):
         if not bad:
             return []
         first = f"{bad[0][0].relative_to(self.root)} ({bad[0][1]})"
-        if len(bad) == found or len(bad) > max_fraction * found:
+        if len(bad) == found or len(bad) / found > max_fraction:  # k/n vs the fraction: exact at the boundary
             raise HPSegError(
                 f"{len(bad)} of {found} images under {self.root} cannot be read (first: {first}), more than "
                 f"data.max_skipped_fraction={max_fraction:g} allows: repair or remove them, or raise "
