@@ -206,8 +206,9 @@ def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) ->
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(out_dir / REQUESTED_FILE, "# the settings as given, before hpseg fitted them to the data "
-                          "(config.yaml: what the run used)\n" + yaml.safe_dump(requested, sort_keys=False))
+        if not (out_dir / "last.pt").is_file() or not (out_dir / REQUESTED_FILE).is_file():  # as first typed
+            atomic_write_text(out_dir / REQUESTED_FILE, "# the settings as given, before hpseg fitted them to the "
+                              "data (config.yaml: what the run used)\n" + yaml.safe_dump(requested, sort_keys=False))
         if holds_out(cfg):
             write_held_out(out_dir, held_out_files(val_set), root=Path(str(cfg.data.root)).expanduser().resolve(),
                            fraction=cfg.data.holdout)

@@ -268,6 +268,9 @@ def run_folder_lock(folder: Path, *, enabled: bool = True) -> Iterator[RunLock]:
             _HELD[key].depth -= 1
         return
     lock = RunLock(folder, existed=folder.is_dir())
+    # the folders this lock creates above the run folder (``runs/`` of ``runs/photos``): removed
+    # again on exit while empty, so that a run refused at start leaves nothing behind
+    created = [p for p in folder.absolute().parents if not p.exists()][::-1] if enabled else []
     if enabled:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -291,6 +294,9 @@ def run_folder_lock(folder: Path, *, enabled: bool = True) -> Iterator[RunLock]:
             with contextlib.suppress(OSError):  # gone with its folder, or the folder became read-only
                 os.unlink(folder / LOCK_NAME)  # while still locked: a waiting opener sees another file
             os.close(lock.fd)  # releases the lock
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: another run's, or this run's results
+                parent.rmdir()
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
