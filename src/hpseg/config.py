@@ -118,6 +118,7 @@ class TrainConfig:
     valid_images: int | None = None  # validation images used during training (None: all)
     auto_schedule: bool = True  # folder datasets: fit warm-up, renewal, validation to the run (hpseg.schedule)
     deterministic: bool = True  # bit-identical reruns and resumes on one GPU (deterministic kernels; README)
+    dist_timeout: float = 300.0  # seconds a torchrun process waits in a collective for the others before failing
 
 
 @dataclass
@@ -354,6 +355,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= d.holdout < 1.0, "data.holdout must lie in [0, 1) (e.g. 0.2 holds out a fifth of the images)"),
         (t.counting in ("epoch", "global"), "train.counting must be epoch or global"),
         (t.valid_images is None or t.valid_images >= 1, "train.valid_images must be at least 1"),
+        (t.dist_timeout > 0, "train.dist_timeout must be a positive number of seconds (e.g. 300)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -2,6 +2,13 @@
 
 Every function also works in a plain single-process run (world size 1), so the training loop
 has one code path.
+
+A failing process stops the group within a bounded time: every collective waits at most
+``train.dist_timeout`` seconds (the process group's timeout), and :func:`collective` turns a
+collective that timed out, or lost a process that died, into a one-line
+:class:`~hpseg.errors.HPSegError` naming that collective. Waiting for rank 0's own work
+(validation, the final files) is :func:`wait_for_main`, on a group of its own with a longer
+timeout (:data:`MAIN_WAIT`), so that a long validation does not count as a hung process.
 """
 
 from __future__ import annotations
@@ -10,12 +17,23 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from hpseg.config import TrainConfig
+from hpseg.errors import HPSegError
+
 log = logging.getLogger(__name__)
+
+#: how long the other processes wait for rank 0's validation and final files (at least the
+#: group's timeout): its own work, not a hung process
+MAIN_WAIT = datetime.timedelta(hours=1)
+#: the open group's timeout in seconds and the group :func:`wait_for_main` waits on
+_group: dict[str, Any] = {"timeout": None, "main_wait": None}
 
 
 def is_distributed() -> bool:
@@ -43,10 +61,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_from_env(device: torch.device) -> bool:
+def init_from_env(device: torch.device, timeout: float = TrainConfig.dist_timeout) -> bool:
     """Join the process group described by torchrun's environment, if any.
 
-    Uses NCCL for CUDA devices and gloo otherwise. Returns True when distributed.
+    Uses NCCL for CUDA devices and gloo otherwise; a collective waits at most ``timeout``
+    seconds for the other processes (``train.dist_timeout``). Returns True when distributed.
     """
     if is_distributed():
         return True
@@ -55,18 +74,24 @@ def init_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    log.info("distributed: rank %d of %d (%s)", rank(), world_size(), backend)
+    limit = datetime.timedelta(seconds=float(timeout))
+    dist.init_process_group(backend=backend, timeout=limit)
+    _group["timeout"] = float(timeout)
+    if dist.is_gloo_available():  # making it is a collective of every rank, right after joining
+        _group["main_wait"] = dist.new_group(backend="gloo", timeout=max(limit, MAIN_WAIT))
+    log.info("distributed: rank %d of %d (%s, collectives time out after %g s)", rank(), world_size(), backend,
+             float(timeout))
     return True
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[bool]:
-    """Join torchrun's process group for the block (if launched by torchrun) and leave it after.
+def process_group(device: torch.device, timeout: float = TrainConfig.dist_timeout) -> Iterator[bool]:
+    """Join torchrun's process group for the block (if launched by torchrun) and leave it after;
+    ``timeout``: seconds a collective waits for the other processes (``train.dist_timeout``).
 
     Yields True when distributed. Only the entry layer opens it.
     """
-    joined = not is_distributed() and init_from_env(device)
+    joined = not is_distributed() and init_from_env(device, timeout)
     try:
         yield is_distributed()
     finally:
@@ -77,36 +102,92 @@ def process_group(device: torch.device) -> Iterator[bool]:
 def shutdown() -> None:
     """Leave the process group (no-op when not distributed)."""
     if is_distributed():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the waiting group too
+    _group.update(timeout=None, main_wait=None)
 
 
-def barrier() -> None:
-    """Wait for every process (no-op when not distributed)."""
+#: what a failed collective's error says when another process died (gloo, NCCL, the store)
+_LOST = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|broken pipe|timed out", re.IGNORECASE)
+
+
+def _lost_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process hung or died."""
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(exc, dist_error)) or bool(_LOST.search(str(exc)))
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause's first sentence, without the source location (``[…/pair.cc:545] ``)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return first.split(". ")[0].rstrip(".")[:200]
+
+
+@contextlib.contextmanager
+def collective(name: str) -> Iterator[None]:
+    """Within the block, a collective that fails because another process hung (past the group's
+    timeout) or died raises a one-line :class:`HPSegError` naming ``name`` (e.g. "the gradient
+    all-reduce of iteration 7"), this rank and what to do; any other error passes unchanged.
+
+    Raises:
+        HPSegError: the collective timed out or lost a process.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (is_distributed() and _lost_process(exc)):
+            raise
+        where = f"rank {rank()}: {name}"
+        if "timed out" in str(exc).lower():
+            timeout = _group["timeout"]
+            after = f" after {timeout:g} s" if timeout is not None else ""
+            raise HPSegError(f"{where} timed out{after}: another process stopped answering (hung, or slower than "
+                             "train.dist_timeout allows); see its log, raise train.dist_timeout if it was only slow, "
+                             "and run the same command again to resume from last.pt") from exc
+        raise HPSegError(f"{where} failed: another process left the run ({_reason(exc)}); see its log, then run "
+                         "the same command again to resume from last.pt") from exc
+
+
+def barrier(name: str = "a barrier") -> None:
+    """Wait for every process (no-op when not distributed); ``name`` says which in an error."""
     if is_distributed():
-        dist.barrier()
+        with collective(name):
+            dist.barrier()
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+def wait_for_main(name: str) -> None:
+    """Wait for every process while rank 0 does work of its own (validation, writing the final
+    files): like :func:`barrier`, with a timeout of at least :data:`MAIN_WAIT`."""
+    if is_distributed():
+        with collective(name):
+            dist.barrier(group=_group["main_wait"])
+
+
+def all_gather_cat(x: torch.Tensor, name: str = "an all-gather") -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 across ranks, in rank order.
 
-    The result is identical on every rank. ``(n, ...) -> (world·n, ...)``.
+    The result is identical on every rank. ``(n, ...) -> (world·n, ...)``; ``name`` says which
+    collective failed in an error (:func:`collective`).
     """
     if not is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
+    with collective(name):
+        dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, name: str = "an all-reduce") -> torch.Tensor:
     """Sum ``x`` across ranks in place and return it."""
     if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        with collective(name):
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
-def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+def broadcast(x: torch.Tensor, src: int = 0, name: str = "a broadcast") -> torch.Tensor:
     """Copy rank ``src``'s ``x`` to every rank in place and return it."""
     if is_distributed():
-        dist.broadcast(x, src=src)
+        with collective(name):
+            dist.broadcast(x, src=src)
     return x

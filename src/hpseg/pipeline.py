@@ -323,7 +323,7 @@ def run_training(cfg: Config) -> TrainingRun:
     """
     out_dir = run_dir(cfg)
     require_data_root(cfg)
-    with dist.process_group(build_runtime(cfg).device), removed_on_failure(out_dir):
+    with dist.process_group(build_runtime(cfg).device, cfg.train.dist_timeout), removed_on_failure(out_dir):
         runtime = build_runtime(cfg)  # rank and world size, now that the group exists
         if not cfg.train.seeds:
             done = train_one(cfg, out_dir, runtime).get("already_finished", False)

@@ -262,10 +262,13 @@ class StepOutput:
         """Whether the loss is finite (a bool tensor; the loop checks it when it logs or saves)."""
         return torch.isfinite(self.loss)
 
+    def stacked(self) -> tuple[list[str], torch.Tensor]:
+        """The names ``loss``, the parts, ``grad_norm`` and their values (float32, on the device)."""
+        return ["loss", *self.parts, "grad_norm"], torch.stack([t.float() for t in (self.loss, *self.parts.values(), self.grad_norm)])
+
     def values(self) -> dict[str, float]:
         """``loss``, the parts and ``grad_norm`` as Python floats (one read from the device)."""
-        names = ["loss", *self.parts, "grad_norm"]
-        flat = torch.stack([self.loss.float(), *(v.float() for v in self.parts.values()), self.grad_norm.float()])
+        names, flat = self.stacked()
         return dict(zip(names, flat.tolist()))
 
 
@@ -306,21 +309,26 @@ def train_step(
 
 
 def check_finite(first_bad: torch.Tensor, out: StepOutput | None = None) -> None:
-    """Raise if a step since the last check had a non-finite loss (reads ``first_bad`` once).
+    """Raise if a step since the last check had a non-finite loss on any process (one read).
 
-    ``first_bad`` is a 0-dim int64 tensor on the device holding the first such iteration (−1:
-    none), updated without synchronisation by :func:`track_finite`.
+    ``first_bad``: 0-dim int64, the first such iteration (−1: none; :func:`track_finite`). A collective
+    when distributed, called by every rank at the same points (log and save points, the end): one small
+    all-gather of each rank's ``first_bad`` and values, so that all raise the same error there.
 
     Raises:
-        HPSegError: naming the iteration and the fix; nothing has been saved since that step.
+        HPSegError: naming the iteration, the rank and the fix; nothing has been saved since.
     """
-    bad = int(first_bad)
-    if bad >= 0:
-        detail = ""
-        if out is not None:
-            detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in out.values().items()) + ")"
-        raise HPSegError(f"non-finite loss at iteration {bad}{detail}: lower the learning rates or use "
-                         "train.precision=fp32 (the last checkpoint saved before it is intact)")
+    names, values = out.stacked() if out is not None else ([], first_bad.new_zeros(0))
+    mine = torch.cat([first_bad.reshape(1).double(), values.double()]).unsqueeze(0)  # (1, 1 + values)
+    table = dist.all_gather_cat(mine, name="the all-gather of the finiteness check").tolist()  # (world, 1 + values)
+    bad = [(int(row[0]), r) for r, row in enumerate(table) if row[0] >= 0]
+    if not bad:
+        return
+    iteration, rank = min(bad)
+    where = f" on rank {rank}" if len(table) > 1 else ""
+    detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in zip(names, table[rank][1:])) + ")" if names else ""
+    raise HPSegError(f"non-finite loss at iteration {iteration}{where}{detail}: lower the learning rates or use "
+                     "train.precision=fp32 (the last checkpoint saved before it is intact)")
 
 
 def track_finite(first_bad: torch.Tensor, out: StepOutput, iteration: int) -> torch.Tensor:
@@ -372,7 +380,7 @@ class ReferencePools:
         if runtime.world_size > 1:
             if pool.shape[0] < per_rank:  # ranks may hold fewer images at the very end of small datasets
                 pool = torch.cat([pool, pool[torch.arange(per_rank - pool.shape[0], device=pool.device) % pool.shape[0]]])
-            pool = dist.all_gather_cat(pool)[: self.size]
+            pool = dist.all_gather_cat(pool, name=f"the all-gather of the {which} reference pool")[: self.size]
         return pool
 
     def build(self, model: HPModel, batches: Callable[[int], Iterable[dict[str, Any]]], runtime: Runtime) -> None:
@@ -481,7 +489,8 @@ def fit(
                            torch.Generator().manual_seed(train.seed + 7919 * (runtime.rank + 1)))
 
     model.to(runtime.device)
-    hp_loss, step_module = _objective(model, loss, train.seed, runtime)
+    with dist.collective("DDP's first broadcast of the weights"):  # the first collective of a run
+        hp_loss, step_module = _objective(model, loss, train.seed, runtime)
     optimizers = Optimizers(model, train)
     scaler = runtime.grad_scaler()
     state = TrainState()
@@ -513,8 +522,9 @@ def fit(
                 if i % loss.renew_interval == 0 and i != 0:
                     pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)
-                out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m,
-                                 step=it)
+                with dist.collective(f"the gradient all-reduce (DDP) of iteration {it}"):
+                    out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime,
+                                     ema_m=loss.ema_m, step=it)
                 first_bad = track_finite(first_bad, out, it)
                 state.iteration = it + 1
                 if progress is not None:
@@ -548,7 +558,7 @@ def fit(
         rows = [json.loads(line) for line in ckpt.metrics_path.read_text().splitlines() if line.strip()]
         save_figure(training_curve_figure(rows), out_dir / "training_curve.png")
         ckpt.write_summary(summary)
-    dist.barrier()
+    dist.wait_for_main("the wait for rank 0's final checkpoints")
     return summary
 
 
@@ -587,4 +597,4 @@ def _validate(model: HPModel, pools: ReferencePools, validate: Validator | None,
                      " · ".join(f"{k} {v:.3g}" for k, v in metrics.get("diagnostics", {}).items()
                                 if isinstance(v, (int, float))))
         ckpt.log(record)
-    dist.barrier()
+    dist.wait_for_main(f"the wait for rank 0's validation at iteration {state.iteration}")
