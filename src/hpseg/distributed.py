@@ -7,7 +7,7 @@ A failing process stops the group within a bounded time: every collective waits 
 ``train.dist_timeout`` seconds (the process group's timeout), and :func:`collective` turns a
 collective that timed out, or lost a process that died, into a one-line
 :class:`~hpseg.errors.HPSegError` naming that collective. Waiting for rank 0's own work
-(validation, the final files) is :func:`wait_for_main`, on a group of its own with a longer
+(validation, the final files) is :func:`wait_for_main`, through the group's store with a longer
 timeout (:data:`MAIN_WAIT`), so that a long validation does not count as a hung process.
 """
 
@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 #: how long the other processes wait for rank 0's validation and final files (at least the
 #: group's timeout): its own work, not a hung process
 MAIN_WAIT = datetime.timedelta(hours=1)
-#: the open group's timeout in seconds and the group :func:`wait_for_main` waits on
-_group: dict[str, Any] = {"timeout": None, "main_wait": None}
+#: how long a process waits for the others to reach torchrun's store when joining
+STORE_CONNECT = datetime.timedelta(minutes=5)
+#: the open group's timeout in seconds; how many times :func:`wait_for_main` waited in it
+_group: dict[str, Any] = {"timeout": None, "waits": 0}
 
 
 def is_distributed() -> bool:
@@ -75,10 +77,13 @@ def init_from_env(device: torch.device, timeout: float = TrainConfig.dist_timeou
     if device.type == "cuda":
         torch.cuda.set_device(device)
     limit = datetime.timedelta(seconds=float(timeout))
-    dist.init_process_group(backend=backend, timeout=limit)
-    _group["timeout"] = float(timeout)
-    if dist.is_gloo_available():  # making it is a collective of every rank, right after joining
-        _group["main_wait"] = dist.new_group(backend="gloo", timeout=max(limit, MAIN_WAIT))
+    # torchrun keeps its store across restarts (--max-restarts) without separating the attempts:
+    # the processes of a restart would read the keys of the failed one (the dead processes'
+    # addresses) and fail to connect. Every attempt gets keys of its own.
+    store, rank_, world = next(dist.rendezvous("env://", timeout=max(limit, STORE_CONNECT)))
+    store = dist.PrefixStore(f"hpseg/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=limit)
+    _group.update(timeout=float(timeout), waits=0)
     log.info("distributed: rank %d of %d (%s, collectives time out after %g s)", rank(), world_size(), backend,
              float(timeout))
     return True
@@ -102,12 +107,13 @@ def process_group(device: torch.device, timeout: float = TrainConfig.dist_timeou
 def shutdown() -> None:
     """Leave the process group (no-op when not distributed)."""
     if is_distributed():
-        dist.destroy_process_group()  # every group, the waiting group too
-    _group.update(timeout=None, main_wait=None)
+        dist.destroy_process_group()
+    _group.update(timeout=None, waits=0)
 
 
 #: what a failed collective's error says when another process died (gloo, NCCL, the store)
-_LOST = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|broken pipe|timed out", re.IGNORECASE)
+_LOST = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|broken pipe|timed? ?out", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"timed? ?out", re.IGNORECASE)
 
 
 def _lost_process(exc: BaseException) -> bool:
@@ -138,7 +144,7 @@ def collective(name: str) -> Iterator[None]:
         if not (is_distributed() and _lost_process(exc)):
             raise
         where = f"rank {rank()}: {name}"
-        if "timed out" in str(exc).lower():
+        if _TIMED_OUT.search(str(exc)):
             timeout = _group["timeout"]
             after = f" after {timeout:g} s" if timeout is not None else ""
             raise HPSegError(f"{where} timed out{after}: another process stopped answering (hung, or slower than "
@@ -156,11 +162,19 @@ def barrier(name: str = "a barrier") -> None:
 
 
 def wait_for_main(name: str) -> None:
-    """Wait for every process while rank 0 does work of its own (validation, writing the final
-    files): like :func:`barrier`, with a timeout of at least :data:`MAIN_WAIT`."""
-    if is_distributed():
-        with collective(name):
-            dist.barrier(group=_group["main_wait"])
+    """Let the other processes wait while rank 0 does work of its own (validation, writing the
+    final files): like :func:`barrier`, but waiting up to :data:`MAIN_WAIT` (at least the group's
+    timeout), on a key rank 0 sets in the group's store. Every rank calls it at the same points."""
+    if not is_distributed():
+        return
+    _group["waits"] += 1
+    key = f"hpseg/rank0-done/{_group['waits']}"
+    store = dist.distributed_c10d._get_default_store()
+    with collective(name):
+        if is_main():
+            store.set(key, "1")
+        else:
+            store.wait([key], max(MAIN_WAIT, datetime.timedelta(seconds=_group["timeout"] or 0)))
 
 
 def all_gather_cat(x: torch.Tensor, name: str = "an all-gather") -> torch.Tensor:

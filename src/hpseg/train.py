@@ -309,31 +309,30 @@ def train_step(
 
 
 def check_finite(first_bad: torch.Tensor, out: StepOutput | None = None) -> None:
-    """Raise if a step since the last check had a non-finite loss on any process (one read).
+    """Raise :class:`HPSegError` if a step since the last check had a non-finite loss on any process,
+    naming the iteration, the rank, the step's values and the fix (one read; nothing saved since).
 
-    ``first_bad``: 0-dim int64, the first such iteration (−1: none; :func:`track_finite`). A collective
-    when distributed, called by every rank at the same points (log and save points, the end): one small
-    all-gather of each rank's ``first_bad`` and values, so that all raise the same error there.
-
-    Raises:
-        HPSegError: naming the iteration, the rank and the fix; nothing has been saved since.
+    ``first_bad``: from :func:`track_finite` (−1: none); ``out`` names its values. A collective when
+    distributed, called by every rank at the same points (log and save points, the end): one small
+    all-gather of every rank's ``first_bad``, so that all raise the same error there.
     """
-    names, values = out.stacked() if out is not None else ([], first_bad.new_zeros(0))
-    mine = torch.cat([first_bad.reshape(1).double(), values.double()]).unsqueeze(0)  # (1, 1 + values)
+    mine = first_bad.float().reshape(1, -1)  # (1, 1 + values); float32: exact iterations up to 2^24 (and MPS)
     table = dist.all_gather_cat(mine, name="the all-gather of the finiteness check").tolist()  # (world, 1 + values)
     bad = [(int(row[0]), r) for r, row in enumerate(table) if row[0] >= 0]
     if not bad:
         return
     iteration, rank = min(bad)
-    where = f" on rank {rank}" if len(table) > 1 else ""
+    where, names = f" on rank {rank}" if len(table) > 1 else "", out.stacked()[0] if out is not None else []
     detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in zip(names, table[rank][1:])) + ")" if names else ""
     raise HPSegError(f"non-finite loss at iteration {iteration}{where}{detail}: lower the learning rates or use "
                      "train.precision=fp32 (the last checkpoint saved before it is intact)")
 
 
 def track_finite(first_bad: torch.Tensor, out: StepOutput, iteration: int) -> torch.Tensor:
-    """``first_bad`` updated with this step (on the device, no synchronisation)."""
-    return torch.where((first_bad < 0) & ~out.finite, iteration, first_bad)
+    """``first_bad`` updated with this step, on the device without synchronisation: ``(1 + values,)``,
+    the first non-finite step's iteration (−1: none yet) and its values (:meth:`StepOutput.stacked`)."""
+    row = torch.cat([out.loss.new_full((1,), iteration, dtype=torch.float32), out.stacked()[1]])
+    return torch.where((first_bad.reshape(-1)[:1] < 0) & ~out.finite, row, first_bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -511,7 +510,7 @@ def fit(
 
         progress = tqdm(total=max_iters, initial=state.iteration, desc="train", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter()
-    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first non-finite iteration
+    first_bad = torch.full((), -1.0, device=runtime.device)  # the first non-finite step (track_finite)
     model.train()
     with stop_on_signals() as stop:
         while state.iteration < max_iters:
