@@ -107,12 +107,34 @@ def test_rank_killed_under_max_restarts_resumes_exactly(tmp_path, tiny_backbone_
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "at iteration 2" in proc.stderr  # it was killed, then resumed
     assert "Segmentation fault" not in proc.stderr
+    _assert_same_run(run, uninterrupted)
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
     a = torch.load(run / "final.pt", weights_only=True)["state_dict"]
-    b = torch.load(uninterrupted / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(reference / "final.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert _train_rows(run) == _train_rows(uninterrupted)  # same losses at every step, none twice
+        assert torch.equal(a[key], b[key]), key  # bit for bit
+    assert _train_rows(run) == _train_rows(reference)  # same losses at every step, none twice
+
+
+def test_killed_run_resumes_exactly_with_the_same_command(tmp_path, tiny_backbone_file, uninterrupted):
+    """Without a launcher that restarts: rank 1 dies after iteration 2, rank 0 stops at its next
+    collective with one line saying so; the same command again resumes and ends bit for bit as
+    the run never interrupted."""
+    run = tmp_path / "run"
+    procs = _launch(_settings(run, tiny_backbone_file), "kill:1:2", tmp_path)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [2, -signal.SIGKILL], (tmp_path / "stderr0.txt").read_text()[-3000:]
+    errors = _errors(tmp_path, 0)
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: rank 0: the all-gather of the finiteness check failed: another process left the run ("), errors
+    assert torch.load(run / "last.pt", weights_only=True)["state"]["iteration"] == 2
+    procs = _launch(_settings(run, tiny_backbone_file), "", tmp_path)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "stderr1.txt").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "stderr1.txt").read_text()
+    _assert_same_run(run, uninterrupted)
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_check(tmp_path, tiny_backbone_file):
@@ -135,7 +157,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_check(tmp_path
 def test_hung_rank_fails_the_others_within_the_timeout_naming_the_collective(tmp_path, tiny_backbone_file):
     """Rank 1 stops answering before iteration 3; rank 0 waits in that step's gradient
     all-reduce for train.dist_timeout seconds, then exits 2 with one line naming it."""
-    timeout = 4
+    timeout = 6
     procs = _launch(_settings(tmp_path / "run", tiny_backbone_file, f"train.dist_timeout={timeout}"),
                     f"hang:1:3:{tmp_path / 'hung'}", tmp_path)
     try:
