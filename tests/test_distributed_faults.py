@@ -194,6 +194,9 @@ def test_collective_names_a_lost_process_and_passes_other_errors(monkeypatch):
     with pytest.raises(HPSegError, match=r"^rank 1: the barrier timed out after 60 s: another process stopped"):
         with dist.collective("the barrier"):
             raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation to complete")
+    with pytest.raises(HPSegError, match=r"^rank 1: the wait for rank 0 timed out after 3600 s: "):  # its own wait
+        with dist.collective("the wait for rank 0", 3600.0):
+            raise torch.distributed.DistStoreError("wait timeout after 3600000ms, keys: /hpseg/rank0-done/1")
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a collective's failure: unchanged
         with dist.collective("the barrier"):
             raise RuntimeError("shape mismatch")

@@ -130,10 +130,11 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def collective(name: str) -> Iterator[None]:
+def collective(name: str, timeout: float | None = None) -> Iterator[None]:
     """Within the block, a collective that fails because another process hung (past the group's
     timeout) or died raises a one-line :class:`HPSegError` naming ``name`` (e.g. "the gradient
     all-reduce of iteration 7"), this rank and what to do; any other error passes unchanged.
+    ``timeout``: the seconds the block's collective waits, when not the group's.
 
     Raises:
         HPSegError: the collective timed out or lost a process.
@@ -145,7 +146,7 @@ def collective(name: str) -> Iterator[None]:
             raise
         where = f"rank {rank()}: {name}"
         if _TIMED_OUT.search(str(exc)):
-            timeout = _group["timeout"]
+            timeout = _group["timeout"] if timeout is None else timeout
             after = f" after {timeout:g} s" if timeout is not None else ""
             raise HPSegError(f"{where} timed out{after}: another process stopped answering (hung, or slower than "
                              "train.dist_timeout allows); see its log, raise train.dist_timeout if it was only slow, "
@@ -169,12 +170,12 @@ def wait_for_main(name: str) -> None:
         return
     _group["waits"] += 1
     key = f"hpseg/rank0-done/{_group['waits']}"
-    store = dist.distributed_c10d._get_default_store()
-    with collective(name):
+    store, wait = dist.distributed_c10d._get_default_store(), max(MAIN_WAIT.total_seconds(), _group["timeout"] or 0)
+    with collective(name, wait):
         if is_main():
             store.set(key, "1")
         else:
-            store.wait([key], max(MAIN_WAIT, datetime.timedelta(seconds=_group["timeout"] or 0)))
+            store.wait([key], datetime.timedelta(seconds=wait))
 
 
 def all_gather_cat(x: torch.Tensor, name: str = "an all-gather") -> torch.Tensor:
