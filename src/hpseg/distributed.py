@@ -112,7 +112,7 @@ def shutdown() -> None:
 
 
 #: what a failed collective's error says when another process died (gloo, NCCL, the store)
-_LOST = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|broken pipe|timed? ?out", re.IGNORECASE)
+_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed? ?out", re.IGNORECASE)
 _TIMED_OUT = re.compile(r"timed? ?out", re.IGNORECASE)
 
 
