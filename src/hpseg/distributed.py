@@ -79,7 +79,8 @@ def init_from_env(device: torch.device, timeout: float = TrainConfig.dist_timeou
     limit = datetime.timedelta(seconds=float(timeout))
     # torchrun keeps its store across restarts (--max-restarts) without separating the attempts:
     # the processes of a restart would read the keys of the failed one (the dead processes'
-    # addresses) and fail to connect. Every attempt gets keys of its own.
+    # addresses) and fail to connect. Every attempt gets keys of its own, named by torchrun's
+    # restart count (as torch's env:// rendezvous itself once did).
     store, rank_, world = next(dist.rendezvous("env://", timeout=max(limit, STORE_CONNECT)))
     store = dist.PrefixStore(f"hpseg/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=limit)
