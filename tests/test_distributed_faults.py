@@ -81,6 +81,17 @@ def _launch(args: list[str], fault: str, tmp_path: Path) -> list[subprocess.Pope
     return procs
 
 
+def _wait(procs: list[subprocess.Popen[str]], timeout: float = 300) -> list[int]:
+    """Every process's exit status; none is left running, whatever happens."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _errors(tmp_path: Path, rank: int) -> list[str]:
     return [line for line in (tmp_path / f"stderr{rank}.txt").read_text().splitlines() if line.startswith("error:")]
 
@@ -125,14 +136,14 @@ def test_killed_run_resumes_exactly_with_the_same_command(tmp_path, tiny_backbon
     the run never interrupted."""
     run = tmp_path / "run"
     procs = _launch(_settings(run, tiny_backbone_file), "kill:1:2", tmp_path)
-    codes = [p.wait(timeout=300) for p in procs]
+    codes = _wait(procs)
     assert codes == [2, -signal.SIGKILL], (tmp_path / "stderr0.txt").read_text()[-3000:]
     errors = _errors(tmp_path, 0)
     assert len(errors) == 1 and errors[0].startswith(
         "error: rank 0: the all-gather of the finiteness check failed: another process left the run ("), errors
     assert torch.load(run / "last.pt", weights_only=True)["state"]["iteration"] == 2
     procs = _launch(_settings(run, tiny_backbone_file), "", tmp_path)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "stderr1.txt").read_text()[-3000:]
+    assert _wait(procs) == [0, 0], (tmp_path / "stderr1.txt").read_text()[-3000:]
     assert "resumed from" in (tmp_path / "stderr1.txt").read_text()
     _assert_same_run(run, uninterrupted)
 
@@ -143,7 +154,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_check(tmp_path
     and iteration 3, and nothing is written after iteration 3."""
     run = tmp_path / "run"
     procs = _launch(_settings(run, tiny_backbone_file, "train.log_freq=100"), "nan:1:3", tmp_path)
-    codes = [p.wait(timeout=300) for p in procs]
+    codes = _wait(procs)
     assert codes == [2, 2], [(tmp_path / f"stderr{r}.txt").read_text()[-3000:] for r in range(WORLD)]
     errors = [_errors(tmp_path, r) for r in range(WORLD)]
     assert len(errors[0]) == 1 and errors[0] == errors[1], errors
@@ -165,8 +176,9 @@ def test_hung_rank_fails_the_others_within_the_timeout_naming_the_collective(tmp
         ended = time.time()
         assert procs[1].poll() is None  # still hung
     finally:
-        procs[1].kill()
-        procs[1].wait()
+        for p in procs:  # rank 1 (and rank 0 if it never stopped)
+            p.kill()
+            p.wait()
     assert code == 2, (tmp_path / "stderr0.txt").read_text()[-3000:]
     hung = float((tmp_path / "hung").read_text())
     assert timeout - 1 < ended - hung < timeout + 30  # bounded by the timeout, not by the default
