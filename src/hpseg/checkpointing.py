@@ -180,12 +180,24 @@ def _rank_streams(runtime: Runtime) -> dict[str, torch.Tensor]:
     return streams
 
 
+def _own_row(states: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s row of a ``(world, …)`` tensor as a tensor of its own storage.
+
+    ``last.pt`` stores per-rank states as rows of one tensor; a row is a view at a non-zero storage
+    offset for every rank but 0, and ``torch.Generator.set_state`` / ``torch.set_rng_state`` given
+    such a view crash the process (a segmentation fault in torch 2.14.1): every per-rank state is
+    restored from a copy.
+    """
+    return states[rank].clone()
+
+
 def _gather(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """``(world, …)``: every rank's tensor (same shape on every rank), on the CPU."""
     if runtime.world_size == 1:
         return t.unsqueeze(0)
     device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
-    return dist.all_gather_cat(t.to(device).unsqueeze(0)).cpu()
+    return dist.all_gather_cat(t.to(device).unsqueeze(0), name="the all-gather of every rank's random streams "
+                               "for last.pt").cpu()
 
 
 class Checkpointer:
@@ -293,14 +305,12 @@ class Checkpointer:
         optimizers.load_state_dict(ckpt["optimizers"])
         scaler.load_state_dict(ckpt["scaler"])
         pool_state = dict(ckpt["pools"])
-        # .clone(): a row of the (world, …) state tensor is a view at an offset, which
-        # Generator.set_state / set_rng_state do not accept (a segmentation fault in torch 2.14)
-        pool_state["generator"] = pool_state["generator"][row].clone()
+        pool_state["generator"] = _own_row(pool_state["generator"], row)
         pools.load_state_dict(pool_state, device)
         state.load_state_dict(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["cpu"][row].clone())
+        torch.set_rng_state(_own_row(ckpt["rng"]["cpu"], row))
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][row].clone(), device)
+            torch.cuda.set_rng_state(_own_row(ckpt["rng"]["cuda"], row), device)
         self._truncate_log(state.iteration)
         self.saved_at = state.iteration
         return True
@@ -386,7 +396,8 @@ class Checkpointer:
 
 #: settings that change how a run is carried out, never what it computes
 _BOOKKEEPING = frozenset({"train.progress", "train.device", "train.out_dir", "train.log_freq", "train.seeds",
-                          "data.num_workers", "data.max_skipped_fraction", "train.save_on_signal"})
+                          "train.dist_timeout", "data.num_workers", "data.max_skipped_fraction",
+                          "train.save_on_signal"})
 #: what an unfinished run may change when resumed (its other train.* settings too: a longer run...)
 _RESUME_TRAIN = frozenset({"train.batch_size", "train.epochs", "train.seed", "train.precision"})
 #: short tags of a suggested folder name (runs/photos-k8)

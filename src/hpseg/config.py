@@ -124,6 +124,7 @@ class TrainConfig:
     auto_schedule: bool = True  # folder datasets: fit warm-up, renewal, validation to the run (hpseg.schedule)
     deterministic: bool = True  # bit-identical reruns and resumes on one GPU (deterministic kernels; README)
     save_on_signal: str | None = None  # SIGUSR1 | SIGUSR2: save last.pt at the next step and go on (SLURM --signal)
+    dist_timeout: float = 300.0  # seconds a torchrun process waits in a collective for the others before failing
 
 
 @dataclass
@@ -364,6 +365,7 @@ def validate(cfg: Config) -> None:
         (t.valid_images is None or t.valid_images >= 1, "train.valid_images must be at least 1"),
         (t.save_on_signal is None or str(t.save_on_signal).upper().removeprefix("SIG") in ("USR1", "USR2"),
          f"train.save_on_signal must be SIGUSR1 or SIGUSR2 (or null), got {t.save_on_signal!r}"),
+        (t.dist_timeout > 0, "train.dist_timeout must be a positive number of seconds (e.g. 300)"),
     ]
     for ok, message in checks:
         if not ok:

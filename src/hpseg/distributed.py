@@ -9,6 +9,13 @@ draws that change training (dropout masks, pool positions) are made for the whol
 on every rank, from generators whose states are the same on every rank
 (:func:`broadcast_rng_state`), and each rank uses its rows: so 1, 2 or 4 processes draw what one
 process with the global batch draws (docs/method.md, "Randomness and the number of processes").
+
+A failing process stops the group within a bounded time: every collective waits at most
+``train.dist_timeout`` seconds (the process group's timeout), and :func:`collective` turns a
+collective that timed out, or lost a process that died, into a one-line
+:class:`~hpseg.errors.HPSegError` naming that collective. Waiting for rank 0's own work
+(validation, the final files) is :func:`wait_for_main`, through the group's store with a longer
+timeout (:data:`MAIN_WAIT`), so that a long validation does not count as a hung process.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextvars
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +33,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpseg.config import TrainConfig
+from hpseg.errors import HPSegError
+
 log = logging.getLogger(__name__)
+
+#: how long the other processes wait for rank 0's validation and final files (at least the
+#: group's timeout): its own work, not a hung process
+MAIN_WAIT = datetime.timedelta(hours=1)
+#: how long a process waits for the others to reach torchrun's store when joining
+STORE_CONNECT = datetime.timedelta(minutes=5)
+#: the open group's timeout in seconds; how many times :func:`wait_for_main` waited in it
+_group: dict[str, Any] = {"timeout": None, "waits": 0}
 
 
 def is_distributed() -> bool:
@@ -53,10 +72,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_from_env(device: torch.device) -> bool:
+def init_from_env(device: torch.device, timeout: float = TrainConfig.dist_timeout) -> bool:
     """Join the process group described by torchrun's environment, if any.
 
-    Uses NCCL for CUDA devices and gloo otherwise. Returns True when distributed.
+    Uses NCCL for CUDA devices and gloo otherwise; a collective waits at most ``timeout``
+    seconds for the other processes (``train.dist_timeout``). Returns True when distributed.
     """
     if is_distributed():
         return True
@@ -65,18 +85,28 @@ def init_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    log.info("distributed: rank %d of %d (%s)", rank(), world_size(), backend)
+    limit = datetime.timedelta(seconds=float(timeout))
+    # torchrun keeps its store across restarts (--max-restarts) without separating the attempts:
+    # the processes of a restart would read the keys of the failed one (the dead processes'
+    # addresses) and fail to connect. Every attempt gets keys of its own, named by torchrun's
+    # restart count (as torch's env:// rendezvous itself once did).
+    store, rank_, world = next(dist.rendezvous("env://", timeout=max(limit, STORE_CONNECT)))
+    store = dist.PrefixStore(f"hpseg/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=limit)
+    _group.update(timeout=float(timeout), waits=0)
+    log.info("distributed: rank %d of %d (%s, collectives time out after %g s)", rank(), world_size(), backend,
+             float(timeout))
     return True
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[bool]:
-    """Join torchrun's process group for the block (if launched by torchrun) and leave it after.
+def process_group(device: torch.device, timeout: float = TrainConfig.dist_timeout) -> Iterator[bool]:
+    """Join torchrun's process group for the block (if launched by torchrun) and leave it after;
+    ``timeout``: seconds a collective waits for the other processes (``train.dist_timeout``).
 
     Yields True when distributed. Only the entry layer opens it.
     """
-    joined = not is_distributed() and init_from_env(device)
+    joined = not is_distributed() and init_from_env(device, timeout)
     try:
         yield is_distributed()
     finally:
@@ -88,37 +118,103 @@ def shutdown() -> None:
     """Leave the process group (no-op when not distributed)."""
     if is_distributed():
         dist.destroy_process_group()
+    _group.update(timeout=None, waits=0)
 
 
-def barrier() -> None:
-    """Wait for every process (no-op when not distributed)."""
+#: what a failed collective's error says when another process died (gloo, NCCL, the store)
+_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed? ?out", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"timed? ?out", re.IGNORECASE)
+
+
+def _lost_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process hung or died."""
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(exc, dist_error)) or bool(_LOST.search(str(exc)))
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause's first sentence, without the source location (``[…/pair.cc:545] ``)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return first.split(". ")[0].rstrip(".")[:200]
+
+
+@contextlib.contextmanager
+def collective(name: str, timeout: float | None = None) -> Iterator[None]:
+    """Within the block, a collective that fails because another process hung (past the group's
+    timeout) or died raises a one-line :class:`HPSegError` naming ``name`` (e.g. "the gradient
+    all-reduce of iteration 7"), this rank and what to do; any other error passes unchanged.
+    ``timeout``: the seconds the block's collective waits, when not the group's.
+
+    Raises:
+        HPSegError: the collective timed out or lost a process.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (is_distributed() and _lost_process(exc)):
+            raise
+        where = f"rank {rank()}: {name}"
+        if _TIMED_OUT.search(str(exc)):
+            timeout = _group["timeout"] if timeout is None else timeout
+            after = f" after {timeout:g} s" if timeout is not None else ""
+            raise HPSegError(f"{where} timed out{after}: another process stopped answering (hung, or slower than "
+                             "train.dist_timeout allows); see its log, raise train.dist_timeout if it was only slow, "
+                             "and run the same command again to resume from last.pt") from exc
+        raise HPSegError(f"{where} failed: another process left the run ({_reason(exc)}); see its log, then run "
+                         "the same command again to resume from last.pt") from exc
+
+
+def barrier(name: str = "a barrier") -> None:
+    """Wait for every process (no-op when not distributed); ``name`` says which in an error."""
     if is_distributed():
-        dist.barrier()
+        with collective(name):
+            dist.barrier()
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+def wait_for_main(name: str) -> None:
+    """Let the other processes wait while rank 0 does work of its own (validation, writing the
+    final files): like :func:`barrier`, but waiting up to :data:`MAIN_WAIT` (at least the group's
+    timeout), on a key rank 0 sets in the group's store. Every rank calls it at the same points."""
+    if not is_distributed():
+        return
+    _group["waits"] += 1
+    key = f"hpseg/rank0-done/{_group['waits']}"
+    store, wait = dist.distributed_c10d._get_default_store(), max(MAIN_WAIT.total_seconds(), _group["timeout"] or 0)
+    with collective(name, wait):
+        if is_main():
+            store.set(key, "1")
+        else:
+            store.wait([key], datetime.timedelta(seconds=wait))
+
+
+def all_gather_cat(x: torch.Tensor, name: str = "an all-gather") -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 across ranks, in rank order.
 
-    The result is identical on every rank. ``(n, ...) -> (world·n, ...)``.
+    The result is identical on every rank. ``(n, ...) -> (world·n, ...)``; ``name`` says which
+    collective failed in an error (:func:`collective`).
     """
     if not is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
+    with collective(name):
+        dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, name: str = "an all-reduce") -> torch.Tensor:
     """Sum ``x`` across ranks in place and return it."""
     if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        with collective(name):
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
-def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+def broadcast(x: torch.Tensor, src: int = 0, name: str = "a broadcast") -> torch.Tensor:
     """Copy rank ``src``'s ``x`` to every rank in place and return it."""
     if is_distributed():
-        dist.broadcast(x, src=src)
+        with collective(name):
+            dist.broadcast(x, src=src)
     return x
 
 

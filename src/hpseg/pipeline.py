@@ -254,7 +254,7 @@ def run_training(cfg: Config) -> TrainingRun:
     """
     out_dir = run_dir(cfg)
     require_data_root(cfg)
-    with (dist.process_group(build_runtime(cfg).device),
+    with (dist.process_group(build_runtime(cfg).device, cfg.train.dist_timeout),
           run_folder_lock(out_dir, enabled=dist.rank() == 0) as lock,  # one run per folder (rank 0 holds it)
           removed_on_failure(out_dir, existed=lock.existed)):
         runtime = build_runtime(cfg)  # rank and world size, now that the group exists

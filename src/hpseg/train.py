@@ -279,6 +279,10 @@ class StepOutput:
         """Whether the loss is finite (a bool tensor; the loop checks it when it logs or saves)."""
         return torch.isfinite(self.loss)
 
+    def stacked(self) -> tuple[list[str], torch.Tensor]:
+        """The names ``loss``, the parts, ``grad_norm`` and their values (float32, on the device)."""
+        return ["loss", *self.parts, "grad_norm"], torch.stack([t.float() for t in (self.loss, *self.parts.values(), self.grad_norm)])
+
     def values(self, mean_over_ranks: bool = False) -> dict[str, float]:
         """``loss``, the parts and ``grad_norm`` as Python floats (one read from the device).
 
@@ -286,8 +290,7 @@ class StepOutput:
         — with ``loss.candidates=global`` the loss of one process with the global batch (each
         rank's hidden-positive loss is ``world ×`` its share, :func:`~hpseg.hidden_positives.hidden_positive_loss`).
         """
-        names = ["loss", *self.parts, "grad_norm"]
-        flat = torch.stack([self.loss.float(), *(v.float() for v in self.parts.values()), self.grad_norm.float()])
+        names, flat = self.stacked()
         if mean_over_ranks:
             flat = dist.all_reduce_mean(flat)
         return dict(zip(names, flat.tolist()))
@@ -330,26 +333,30 @@ def train_step(
 
 
 def check_finite(first_bad: torch.Tensor, out: StepOutput | None = None) -> None:
-    """Raise if a step since the last check had a non-finite loss (reads ``first_bad`` once).
+    """Raise :class:`HPSegError` if a step since the last check had a non-finite loss on any process,
+    naming the iteration, the rank, the step's values and the fix (one read; nothing saved since).
 
-    ``first_bad`` is a 0-dim int64 tensor on the device holding the first such iteration (−1:
-    none), updated without synchronisation by :func:`track_finite`.
-
-    Raises:
-        HPSegError: naming the iteration and the fix; nothing has been saved since that step.
+    ``first_bad``: from :func:`track_finite` (−1: none); ``out`` names its values. A collective when
+    distributed, called by every rank at the same points (log and save points, the end): one small
+    all-gather of every rank's ``first_bad``, so that all raise the same error there.
     """
-    bad = int(first_bad)
-    if bad >= 0:
-        detail = ""
-        if out is not None:
-            detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in out.values().items()) + ")"
-        raise HPSegError(f"non-finite loss at iteration {bad}{detail}: lower the learning rates or use "
-                         "train.precision=fp32 (the last checkpoint saved before it is intact)")
+    mine = first_bad.float().reshape(1, -1)  # (1, 1 + values); float32: exact iterations up to 2^24 (and MPS)
+    table = dist.all_gather_cat(mine, name="the all-gather of the finiteness check").tolist()  # (world, 1 + values)
+    bad = [(int(row[0]), r) for r, row in enumerate(table) if row[0] >= 0]
+    if not bad:
+        return
+    iteration, rank = min(bad)
+    where, names = f" on rank {rank}" if len(table) > 1 else "", out.stacked()[0] if out is not None else []
+    detail = " (" + ", ".join(f"{k} {v:.4g}" for k, v in zip(names, table[rank][1:])) + ")" if names else ""
+    raise HPSegError(f"non-finite loss at iteration {iteration}{where}{detail}: lower the learning rates or use "
+                     "train.precision=fp32 (the last checkpoint saved before it is intact)")
 
 
 def track_finite(first_bad: torch.Tensor, out: StepOutput, iteration: int) -> torch.Tensor:
-    """``first_bad`` updated with this step (on the device, no synchronisation)."""
-    return torch.where((first_bad < 0) & ~out.finite, iteration, first_bad)
+    """``first_bad`` updated with this step, on the device without synchronisation: ``(1 + values,)``,
+    the first non-finite step's iteration (−1: none yet) and its values (:meth:`StepOutput.stacked`)."""
+    row = torch.cat([out.loss.new_full((1,), iteration, dtype=torch.float32), out.stacked()[1]])
+    return torch.where((first_bad.reshape(-1)[:1] < 0) & ~out.finite, row, first_bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,7 +404,7 @@ class ReferencePools:
             raise HPSegError("the training set yielded no images for the reference pools: check the data")
         pool = torch.cat(rows)
         if runtime.world_size > 1:  # (world, batches, b, C) → global-batch order, as one process collects
-            pool = dist.all_gather_cat(pool).view(runtime.world_size, len(rows), -1, pool.shape[1])
+            pool = dist.all_gather_cat(pool, name=f"the all-gather of the {which} reference pool").view(runtime.world_size, len(rows), -1, pool.shape[1])
             pool = pool.transpose(0, 1).reshape(-1, pool.shape[3])
         return pool[: self.size]
 
@@ -455,7 +462,8 @@ def fit(
     dist.broadcast_rng_state(runtime.device)
 
     model.to(runtime.device)
-    hp_loss, step_module = _objective(model, loss, train.seed, runtime)
+    with dist.collective("DDP's first broadcast of the weights"):  # the first collective of a run
+        hp_loss, step_module = _objective(model, loss, train.seed, runtime)
     optimizers = Optimizers(model, train)
     scaler = runtime.grad_scaler()
     state = TrainState()
@@ -476,7 +484,7 @@ def fit(
 
         progress = tqdm(total=max_iters, initial=state.iteration, desc="train", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter()
-    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first non-finite iteration
+    first_bad = torch.full((), -1.0, device=runtime.device)  # the first non-finite step (track_finite)
     model.train()
     with stop_on_signals(train.save_on_signal) as stop:
         while state.iteration < max_iters:
@@ -487,8 +495,9 @@ def fit(
                 if i % loss.renew_interval == 0 and i != 0:
                     pools.renew_specific(model, data.pool_pass(1 + it // loss.renew_interval), runtime)
                 lam = lambda_schedule(it, loss.warmup, max_iters)
-                out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime, ema_m=loss.ema_m,
-                                 step=it)
+                with dist.collective(f"the training step of iteration {it} (candidate gathers, DDP gradient all-reduce)"):
+                    out = train_step(step_module, model, batch, pools, lam, optimizers, scaler, runtime,
+                                     ema_m=loss.ema_m, step=it)
                 first_bad = track_finite(first_bad, out, it)
                 state.iteration = it + 1
                 if progress is not None:
@@ -521,7 +530,7 @@ def fit(
         rows = [json.loads(line) for line in ckpt.metrics_path.read_text().splitlines() if line.strip()]
         save_figure(training_curve_figure(rows), out_dir / "training_curve.png")
         ckpt.write_summary(summary)
-    dist.barrier()
+    dist.wait_for_main("the wait for rank 0's final checkpoints")
     return summary
 
 
@@ -561,5 +570,5 @@ def _validate(model: HPModel, pools: ReferencePools, validate: Validator | None,
                      " · ".join(f"{k} {v:.3g}" for k, v in metrics.get("diagnostics", {}).items()
                                 if isinstance(v, (int, float))))
         ckpt.log(record)
-    dist.barrier()
+    dist.wait_for_main(f"the wait for rank 0's validation at iteration {state.iteration}")
     dist.broadcast_rng_state(ckpt.runtime.device)  # whatever rank 0's validation drew, one stream again
