@@ -70,6 +70,7 @@ def _check_run(proc: subprocess.CompletedProcess[str], out: Path, dump: Path) ->
         "final.pt",
         "last.pt",
         "config.yaml",
+        "requested.yaml",
         "metrics.jsonl",
         "train_summary.json",
         "training_curve.png",

@@ -8,7 +8,8 @@ The runs go through ``hpseg.cli.main`` with this file as the script of every pro
 - ``nan``: the loss that rank *reports* at that iteration is NaN (its gradients stay finite, so
   only the finiteness check's collective can tell the other rank);
 - ``kill``: that rank SIGKILLs itself after the step (first attempt of a torchrun job only);
-- ``hang``: that rank stops answering before the step (it still dies on SIGTERM).
+- ``hang``: that rank stops answering before the step (it still dies on SIGTERM);
+- ``term``: that rank alone receives SIGTERM after the step.
 """
 
 from __future__ import annotations
@@ -128,6 +129,24 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit for bit
     assert _train_rows(run) == _train_rows(reference)  # same losses at every step, none twice
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, tiny_backbone_file, uninterrupted):
+    """SIGTERM to rank 1 only, after iteration 2: the save is a collective, so both ranks agree on
+    the stop at the same step boundary (one all-reduce of the signals at log/validation points),
+    both write their part of last.pt and exit 143 with the same line; the same command again ends
+    bit for bit as the run never interrupted."""
+    run = tmp_path / "run"
+    codes = _wait(_launch(_settings(run, tiny_backbone_file), "term:1:2", tmp_path))
+    assert codes == [128 + signal.SIGTERM] * WORLD, (tmp_path / "stderr0.txt").read_text()[-3000:]
+    stopped = torch.load(run / "last.pt", weights_only=True)["state"]["iteration"]
+    assert stopped == 3  # after iteration 2 (0-based), on both ranks
+    for rank in range(WORLD):
+        text = (tmp_path / f"stderr{rank}.txt").read_text()
+        assert f"interrupted: SIGTERM: stopped at iteration {stopped}" in text, text[-2000:]
+    proc = _torchrun(_settings(run, tiny_backbone_file))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_same_run(run, uninterrupted)
 
 
 def test_killed_run_resumes_exactly_with_the_same_command(tmp_path, tiny_backbone_file, uninterrupted):
@@ -282,6 +301,8 @@ def _plant(kind: str, rank: int, iteration: int, extra: list[str]) -> None:
                 out.loss = out.loss * float("nan")  # what it reports; its gradients stay finite
             elif kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     train.train_step = step

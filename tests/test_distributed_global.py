@@ -345,7 +345,7 @@ def _worker_main(argv: list[str]) -> int:
                 pass
 
         @contextlib.contextmanager
-        def stop_soon():
+        def stop_soon(*args: object, **kwargs: object):
             yield StopAfter()
 
         train.stop_on_signals = stop_soon  # type: ignore[assignment]

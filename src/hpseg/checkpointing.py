@@ -111,6 +111,27 @@ class StopRequest:
         """Whether the loop has something to do at this step boundary."""
         return self.requested or self.save_requested
 
+    def agreed(self, sync_point: bool) -> bool:
+        """Whether the loop acts on a signal at this step boundary.
+
+        One process: whenever one is pending. Under torchrun the processes may see a signal at
+        different steps (a scheduler signals each one), and the save is a collective: they act
+        only at ``sync_point`` boundaries — iterations that are the same on every rank (log and
+        validation points) — where the requests of every rank are combined (one small
+        all-reduce), so that every rank saves, and stops or goes on, at the same iteration.
+        """
+        if dist.world_size() == 1:
+            return self.pending
+        if not sync_point:
+            return False
+        requested, save, signum = dist.max_over_ranks(
+            [int(self.requested), int(self.save_requested), int(self.signum) if self.requested else 0],
+            name="the all-reduce of the stop signals")
+        if requested and not self.requested:  # another process was signalled: stop like it
+            self.requested, self.signum = True, signal.Signals(signum)
+        self.save_requested = bool(save)
+        return bool(requested or save)
+
 
 #: SIGINTs that abort at once (unless a save is under way), losing the steps since the last save
 ABORT_AFTER = 3

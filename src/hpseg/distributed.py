@@ -165,6 +165,11 @@ def collective(name: str, timeout: float | None = None) -> Iterator[None]:
                          "the same command again to resume from last.pt") from exc
 
 
+def _named(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """:func:`collective` for ``name``; without one, the enclosing block names the collective."""
+    return collective(name) if name is not None else contextlib.nullcontext()
+
+
 def barrier(name: str = "a barrier") -> None:
     """Wait for every process (no-op when not distributed); ``name`` says which in an error."""
     if is_distributed():
@@ -188,34 +193,47 @@ def wait_for_main(name: str) -> None:
             store.wait([key], datetime.timedelta(seconds=wait))
 
 
-def all_gather_cat(x: torch.Tensor, name: str = "an all-gather") -> torch.Tensor:
+def all_gather_cat(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 across ranks, in rank order.
 
     The result is identical on every rank. ``(n, ...) -> (world·n, ...)``; ``name`` says which
-    collective failed in an error (:func:`collective`).
+    collective failed in an error (:func:`collective`; None: the enclosing block's name, e.g. the
+    training step's).
     """
     if not is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    with collective(name):
+    with _named(name):
         dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum(x: torch.Tensor, name: str = "an all-reduce") -> torch.Tensor:
-    """Sum ``x`` across ranks in place and return it."""
+def all_reduce_sum(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Sum ``x`` across ranks in place and return it (``name``: as for :func:`all_gather_cat`)."""
     if is_distributed():
-        with collective(name):
+        with _named(name):
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
-def broadcast(x: torch.Tensor, src: int = 0, name: str = "a broadcast") -> torch.Tensor:
-    """Copy rank ``src``'s ``x`` to every rank in place and return it."""
+def broadcast(x: torch.Tensor, src: int = 0, name: str | None = None) -> torch.Tensor:
+    """Copy rank ``src``'s ``x`` to every rank in place and return it (``name``: as for :func:`all_gather_cat`)."""
     if is_distributed():
-        with collective(name):
+        with _named(name):
             dist.broadcast(x, src=src)
     return x
+
+
+def max_over_ranks(values: list[int], name: str) -> list[int]:
+    """The element-wise maximum of small host integers over ranks (one all-reduce, on the device
+    the backend needs; a read back to the host). ``values`` itself when not distributed."""
+    if not is_distributed():
+        return list(values)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = torch.tensor(values, dtype=torch.int64, device=on)
+    with collective(name):
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return [int(v) for v in x.tolist()]
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +241,8 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     out = x.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    with collective("the all-reduce of the logged values"):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world_size()
 
 
@@ -311,9 +330,9 @@ def broadcast_rng_state(device: torch.device) -> None:
         return
     on = device if device.type == "cuda" else torch.device("cpu")
     state = torch.get_rng_state().to(on)
-    dist.broadcast(state, src=0)
+    broadcast(state, src=0, name="the broadcast of rank 0's random streams")
     torch.set_rng_state(state.cpu())
     if device.type == "cuda":
         cuda_state = torch.cuda.get_rng_state(device).to(device)
-        dist.broadcast(cuda_state, src=0)
+        broadcast(cuda_state, src=0, name="the broadcast of rank 0's random streams")
         torch.cuda.set_rng_state(cuda_state.cpu(), device)

@@ -502,20 +502,17 @@ def fit(
                 state.iteration = it + 1
                 if progress is not None:
                     progress.update(1)
-                if it % train.log_freq == 0 or it + 1 == max_iters:  # the only reads from the device
+                logged = it % train.log_freq == 0 or it + 1 == max_iters
+                if logged:  # the only reads from the device
                     check_finite(first_bad, out)
-                    values = out.values(mean_over_ranks=True)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{lam:.2f}")
-                    ckpt.log({"iteration": it, "epoch": epoch, **values, "lambda": lam,
-                              **{f"train_{k}": v for k, v in hp_loss.stats.items()},
-                              "seconds": round(time.perf_counter() - t0, 3)})
+                    _log_step(ckpt, out, hp_loss, progress, it=it, epoch=epoch, lam=lam, seconds=time.perf_counter() - t0)
                 epoch_end = train.counting == "epoch" and i + 1 == per_epoch
-                if (i + 1) % train.valid_freq == 0 or epoch_end or it + 1 == max_iters:
+                validated = (i + 1) % train.valid_freq == 0 or epoch_end or it + 1 == max_iters
+                if validated:
                     check_finite(first_bad, out)
                     _validate(model, pools, validate, state, ckpt, epoch)
                     ckpt.save_last(model, optimizers, scaler, pools, state)
-                if stop.pending:  # a stop (SIGTERM, SIGINT) or the save signal
+                if stop.agreed(sync_point=logged or validated):  # a stop (SIGTERM, SIGINT) or the save signal
                     check_finite(first_bad, out)
                     ckpt.at_signal(stop, batches, model, optimizers, scaler, pools, state)
                 if state.iteration >= max_iters:
@@ -532,6 +529,16 @@ def fit(
         ckpt.write_summary(summary)
     dist.wait_for_main("the wait for rank 0's final checkpoints")
     return summary
+
+
+def _log_step(ckpt: Checkpointer, out: StepOutput, hp_loss: HiddenPositiveLoss, progress: Any, *, it: int,
+              epoch: int, lam: float, seconds: float) -> None:
+    """One training entry of ``metrics.jsonl`` (the values are the global batch's: a collective)."""
+    values = out.values(mean_over_ranks=True)
+    if progress is not None:
+        progress.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{lam:.2f}")
+    ckpt.log({"iteration": it, "epoch": epoch, **values, "lambda": lam,
+              **{f"train_{k}": v for k, v in hp_loss.stats.items()}, "seconds": round(seconds, 3)})
 
 
 def _objective(model: HPModel, loss: LossConfig, seed: int, runtime: Runtime) -> tuple[HiddenPositiveLoss, nn.Module]:

@@ -70,7 +70,8 @@ def summed_over_ranks(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     pairs = raw["kept_pairs"]
     extra = [float("nan") if pairs is None else float(pairs), float(raw["anchors"])]
-    total = dist.all_reduce_sum(torch.cat([raw["counts"], raw["counts"].new_tensor(extra)]))
+    total = dist.all_reduce_sum(torch.cat([raw["counts"], raw["counts"].new_tensor(extra)]),
+                               name="the all-reduce of the loss statistics")
     pairs_sum, anchors = total[5:].tolist()
     return {**raw, "counts": total[:5], "anchors": int(anchors),
             "kept_pairs": None if math.isnan(pairs_sum) else int(pairs_sum), "distributed": False}
