@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=None, help="cocostuff27 | cityscapes27 | potsdam3 (class names)")
     s.set_defaults(func=commands.cmd_convert)
 
-    s = sub.add_parser("compare", help="compare runs side by side (table + PNG)")
+    s = sub.add_parser("compare", help="compare runs side by side (a table; with --out also compare.png and compare.json)")
     s.add_argument("runs", nargs="+", help="run folders or results.json files")
     s.add_argument("--out", default=None, help="folder for compare.png / compare.json")
     s.set_defaults(func=commands.cmd_compare)
