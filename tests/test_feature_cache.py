@@ -197,6 +197,25 @@ def test_failed_build_leaves_no_valid_cache(backbone, tmp_path, monkeypatch):
     assert backbone.images == len(ds)
 
 
+def test_a_full_disk_during_the_build_is_one_line_naming_the_cache(backbone, tmp_path, monkeypatch):
+    import errno
+
+    ds = TinyScenes()
+    real = np.lib.format.open_memmap
+
+    def full_disk(*args, **kwargs):  # the disk fills up while the cache file is being laid out
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full_disk)
+    with pytest.raises(HPSegError) as info:
+        wrap(ds, backbone, tmp_path / "c")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "c" / FEATS_FILE) in message
+    assert "No space left on device" in message
+    assert not list((tmp_path / "c").glob("*.npy")) and not list((tmp_path / "c").glob(".*.tmp.npy"))
+    monkeypatch.setattr(np.lib.format, "open_memmap", real)
+
+
 def test_float16_overflow_and_bad_dtype_are_refused(backbone, tmp_path):
     with pytest.raises(HPSegError, match="dtype"):
         wrap(TinyScenes(), backbone, tmp_path / "c", dtype=torch.bfloat16)

@@ -54,11 +54,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from hpseg import distributed as dist
 from hpseg.errors import HPSegError
-from hpseg.io import atomic_write_text
+from hpseg.io import atomic_write_text, write_error
+from hpseg.preemption import QuietWorkersLoader
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +409,8 @@ def _build(
             if attn_shape is not None
             else None
         )
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        # its workers leave stop signals to the main process, like the training loaders'
+        loader = QuietWorkersLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         start = 0
         with _on_device(backbone, device), torch.no_grad():
             for batch in loader:
@@ -443,9 +445,12 @@ def _build(
             os.replace(tmp_attn, cache_dir / ATTN_FILE)
         else:
             _remove(cache_dir / ATTN_FILE)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp_feats)
         _remove(tmp_attn)
+        error = write_error(cache_dir / FEATS_FILE, exc)  # a full disk, a quota, permissions: one line
+        if error is not None:
+            raise error from exc
         raise
     done = {**manifest, "complete": True, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     atomic_write_text(cache_dir / MANIFEST, json.dumps(done, indent=2))
