@@ -429,3 +429,15 @@ def test_interpreter_chosen_after_triton_was_imported_is_one_line(interpret: Non
     rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
     with pytest.raises(HPSegError, match="set after triton had been imported.*before starting Python"):
         hidden_positive_loss(*rest, num_images=2, tau=0.7, lam=0.5, path="fused")
+
+
+def test_training_with_the_fused_path_where_it_cannot_run_stops_before_anything_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpseg.pipeline import run_training
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "runs" / "fused"
+    cfg = build_config("synthetic", ["loss.path=fused", f"train.out_dir={out}", "train.device=cpu"])
+    with pytest.raises(HPSegError, match="path='fused' is unavailable.*loss.path=dense"):
+        run_training(cfg)
+    assert not out.exists() and not (tmp_path / "runs").exists()

@@ -52,6 +52,7 @@ from hpseg.evaluate import (
     label_free_evaluation,
     patch_sample,
 )
+from hpseg.hidden_positives.fused import require_fused
 from hpseg.io import atomic_write_text, file_sha256
 from hpseg.model import HPModel
 from hpseg.preemption import QuietWorkersLoader, run_folder_lock
@@ -193,6 +194,8 @@ def _train_locked(cfg: Config, out_dir: Path, runtime: Runtime | None = None) ->
     from hpseg.schedule import fit_schedule
 
     runtime = runtime or build_runtime(cfg)
+    if cfg.loss.path == "fused":  # said at once, not after the data and the pools are built
+        require_fused(runtime.device, runtime.matmul_dtype)
     seed_everything(cfg.train.seed)  # every rank alike: one model, random backbones included, and one stream
     train_set = build_train_set(cfg)
     val_set = build_val_set(cfg)
