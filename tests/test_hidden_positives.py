@@ -36,6 +36,7 @@ from hpseg.hidden_positives import (
 from hpseg.hidden_positives.budget import DENSE_BYTES_PER_ENTRY
 from hpseg.hidden_positives.masks import _positive_entries, threshold_margin
 from hpseg.hidden_positives.sparse import BYTES_PER_PAIR
+from loss_inputs import clustered_problem, unit
 
 _REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loss.py"
 
@@ -50,28 +51,6 @@ def _load_reference() -> Any:
 
 
 ref = _load_reference()
-
-
-def _unit(*shape: int, gen: torch.Generator) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=gen), dim=-1)
-
-
-def _problem(b: int, s: int, d: int, f: int, p: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random L2-normalised inputs; a few shared directions so that positives exist."""
-    gen = torch.Generator().manual_seed(seed)
-    n = b * s * s
-    centres_f, centres_s = _unit(4, f, gen=gen), _unit(4, d, gen=gen)
-    label = torch.randint(4, (n,), generator=gen)
-    feats = F.normalize(centres_f[label] + 0.6 * torch.randn(n, f, generator=gen), dim=1)
-    code_ema = F.normalize(centres_s[label] + 0.6 * torch.randn(n, d, generator=gen), dim=1)
-    return {
-        "z": _unit(n, d, gen=gen),
-        "z_lhp": _unit(n, d, gen=gen),
-        "feats": feats,
-        "code_ema": code_ema,
-        "pool_agnostic": _unit(p, f, gen=gen),
-        "pool_specific": _unit(p, d, gen=gen),
-    }
 
 
 def _value_and_grads(fn: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, ...]:
@@ -196,7 +175,7 @@ def test_golden_local_propagation(load_golden: Any) -> None:
 def test_matches_per_image_reference(
     b: int, s: int, d: int, f: int, p: int, rho: float, lam: float, reweight: bool, chunk: int, path: str
 ) -> None:
-    inputs = _problem(b, s, d, f, p, seed=b * 100 + s)
+    inputs = clustered_problem(b, s, d, f, p, seed=b * 100 + s)
     n = b * s * s
     keep = torch.rand(n, n, generator=torch.Generator().manual_seed(7)) < rho
     kwargs = dict(num_images=b, tau=0.6, lam=lam, negative_keep=keep, reweight=reweight)
@@ -209,7 +188,7 @@ def test_matches_per_image_reference(
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_chunked_equals_unchunked(path: str) -> None:
     b, s = 5, 4
-    inputs = _problem(b, s, 8, 12, 16, seed=3)
+    inputs = clustered_problem(b, s, 8, 12, 16, seed=3)
     n = b * s * s
     keep = torch.rand(n, n, generator=torch.Generator().manual_seed(1)) < 0.5
     kwargs = dict(num_images=b, tau=0.8, lam=0.5, negative_keep=keep, path=path)
@@ -220,7 +199,7 @@ def test_chunked_equals_unchunked(path: str) -> None:
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_value_without_grad_and_single_branch_grad(path: str) -> None:
-    inputs = _problem(3, 4, 8, 8, 8, seed=5)
+    inputs = clustered_problem(3, 4, 8, 8, 8, seed=5)
     kwargs = dict(num_images=3, tau=0.8, lam=0.5, rho=0.1, path=path, generator=torch.Generator())
     full = _value_and_grads(hidden_positive_loss, inputs, **kwargs)
     rest = [inputs[k] for k in ("feats", "code_ema", "pool_agnostic", "pool_specific")]
@@ -244,15 +223,15 @@ def _isolated_problem(isolated: list[int], b: int = 3, s: int = 3, seed: int = 0
     coordinates no other patch uses and the agnostic pool holds them exactly (r ≈ 1), while the
     other patches' thresholds are ≥ 0 (the pool has entries orthogonal to them)."""
     gen = torch.Generator().manual_seed(seed)
-    inputs = _problem(b, s, 8, 8, 6, seed=seed)
+    inputs = clustered_problem(b, s, 8, 8, 6, seed=seed)
     n = b * s * s
     normal = torch.zeros(n, 16)
     normal[:, :8] = inputs["feats"]
     lonely = torch.zeros(len(isolated), 16)
-    lonely[:, 8:] = _unit(len(isolated), 8, gen=gen)
+    lonely[:, 8:] = unit(len(isolated), 8, gen=gen)
     normal[isolated] = lonely
     pool = torch.zeros(6, 16)
-    pool[:, :8] = _unit(6, 8, gen=gen)
+    pool[:, :8] = unit(6, 8, gen=gen)
     inputs["feats"] = normal
     inputs["pool_agnostic"] = torch.cat([pool, lonely])
     return inputs
@@ -329,7 +308,7 @@ def test_no_kept_anchor_at_all_gives_zero_loss_and_gradient(path: str) -> None:
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_rho_zero_equals_explicit_empty_keep_and_formula(path: str) -> None:
-    inputs = _problem(3, 4, 8, 8, 8, seed=11)
+    inputs = clustered_problem(3, 4, 8, 8, 8, seed=11)
     n = 48
     kwargs = dict(num_images=3, tau=0.6, lam=0.4, path=path)
     drawn = _value_and_grads(hidden_positive_loss, inputs, rho=0.0, **kwargs)
@@ -341,7 +320,7 @@ def test_rho_zero_equals_explicit_empty_keep_and_formula(path: str) -> None:
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_random_negative_keep(path: str) -> None:
-    inputs = _problem(3, 4, 8, 8, 8, seed=12)
+    inputs = clustered_problem(3, 4, 8, 8, 8, seed=12)
     n = 48
     kwargs = dict(num_images=3, tau=0.6, lam=0.4, path=path)
 
@@ -381,8 +360,8 @@ def _exact_mask_problem(b: int, s: int, d: int, seed: int) -> dict[str, torch.Te
     gen = torch.Generator().manual_seed(seed)
     n = b * s * s
     return {
-        "z": _unit(n, d, gen=gen),
-        "z_lhp": _unit(n, d, gen=gen),
+        "z": unit(n, d, gen=gen),
+        "z_lhp": unit(n, d, gen=gen),
         "feats": _sparse_unit(n, 6, gen),
         "code_ema": _sparse_unit(n, 6, gen),
         "pool_agnostic": _sparse_unit(5, 6, gen),
@@ -446,7 +425,7 @@ def test_sparse_equals_dense(
     b: int, s: int, p: int, rho: float, lam: float, reweight: bool, explicit: bool, chunks: tuple[int, ...]
 ) -> None:
     """Values and both gradients, drawn (same generator) or explicit negatives, several chunks."""
-    inputs = _problem(b, s, 16, 12, p, seed=b * 10 + s)
+    inputs = clustered_problem(b, s, 16, 12, p, seed=b * 10 + s)
     n = b * s * s
     kwargs: dict[str, Any] = dict(num_images=b, tau=0.6, lam=lam, reweight=reweight, rho=rho)
     if explicit:
@@ -477,7 +456,7 @@ def test_sparse_transposed_logits_equal_dense(monkeypatch: pytest.MonkeyPatch) -
     N) give the same loss and gradients."""
     import hpseg.hidden_positives.sparse as sparse
 
-    inputs = _problem(3, 5, 16, 12, 16, seed=9)
+    inputs = clustered_problem(3, 5, 16, 12, 16, seed=9)
     kwargs: dict[str, Any] = dict(num_images=3, tau=0.6, lam=0.5, rho=0.2)
     want = _value_and_grads(hidden_positive_loss, inputs, path="dense", generator=torch.Generator(), **kwargs)
     monkeypatch.setattr(sparse, "_GATHER_CACHE_BYTES", 0)
@@ -491,11 +470,11 @@ def test_positive_pair_keys_equal_dense_masks(n: int, width: int, p: int, tile: 
     """Screened upper-triangle keys == the dense masks (rare, common and near-empty positives;
     widths not a multiple of the screening block)."""
     gen = torch.Generator().manual_seed(n)
-    centres = _unit(3, width, gen=gen)
+    centres = unit(3, width, gen=gen)
     x = F.normalize(
         centres[torch.randint(3, (n,), generator=gen)] + 0.7 * torch.randn(n, width, generator=gen), dim=1
     )
-    r = pool_thresholds(x, _unit(p, width, gen=gen))
+    r = pool_thresholds(x, unit(p, width, gen=gen))
     dense = positive_masks(x, x, r, r, slice(0, n), with_specific=False).agnostic
     keys = positive_pair_keys(x, r, tile_rows=tile)
     assert keys is not None and 0 < keys.numel() < n * n
@@ -518,7 +497,7 @@ def _module_stats(inputs: dict[str, torch.Tensor], b: int, lam: float = 0.5, **k
 
 
 def test_automatic_path_choice() -> None:
-    inputs = _problem(3, 4, 8, 8, 64, seed=2)
+    inputs = clustered_problem(3, 4, 8, 8, 64, seed=2)
     assert _module_stats(inputs, 3, rho=1.0)["path"] == "dense"  # every negative kept
     assert _module_stats(inputs, 3, rho=0.02)["path"] == "sparse"
     assert _module_stats(inputs, 3, rho=0.02, path="dense")["path"] == "dense"
@@ -571,7 +550,7 @@ def test_memory_budget_sets_the_chunk(caplog: pytest.LogCaptureFixture) -> None:
             previous = chunk
         assert previous == b
     # the loss uses it (and logs its choice once); chunk_images given overrides the budget
-    inputs = _problem(6, 6, 8, 8, 8, seed=21)
+    inputs = clustered_problem(6, 6, 8, 8, 8, seed=21)
     caplog.set_level(logging.INFO, logger="hpseg.hidden_positives.budget")
     small = _module_stats(inputs, 6, path="dense", memory_gb=36 * 216 * 20 * 2.5 / 2**30)
     assert small["chunk_images"] == 2
@@ -590,8 +569,8 @@ def test_sparse_path_memory_stays_below_a_dense_block() -> None:
     b, s, p = 6, 6, 32
     n, per_image = b * s * s, s * s
     gen = torch.Generator().manual_seed(5)
-    rest = [_unit(n, 16, gen=gen), _unit(n, 8, gen=gen), _unit(p, 16, gen=gen), _unit(p, 8, gen=gen)]
-    inputs = {"z": _unit(n, 8, gen=gen), "z_lhp": _unit(n, 8, gen=gen)}
+    rest = [unit(n, 16, gen=gen), unit(n, 8, gen=gen), unit(p, 16, gen=gen), unit(p, 8, gen=gen)]
+    inputs = {"z": unit(n, 8, gen=gen), "z_lhp": unit(n, 8, gen=gen)}
     z = inputs["z"].clone().requires_grad_(True)
     z_lhp = inputs["z_lhp"].clone().requires_grad_(True)
     tracker = _LargestTensor()
@@ -627,7 +606,7 @@ class _LargestTensor(TorchDispatchMode):
 def test_memory_grows_with_chunk_not_with_n_squared() -> None:
     b, s, d = 6, 6, 8
     n, per_image = b * s * s, s * s
-    inputs = _problem(b, s, d, 8, 8, seed=21)
+    inputs = clustered_problem(b, s, d, 8, 8, seed=21)
     rest = [inputs[k] for k in ("feats", "code_ema", "pool_agnostic", "pool_specific")]
     largest, saved = {}, {}
     for chunk in (1, 2, 3, 6):
@@ -660,7 +639,7 @@ def test_memory_grows_with_chunk_not_with_n_squared() -> None:
 
 
 def test_invalid_inputs_raise_hpseg_error() -> None:
-    inputs = _problem(2, 3, 8, 8, 8)
+    inputs = clustered_problem(2, 3, 8, 8, 8)
     args = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
     kw = dict(tau=0.8, lam=0.5)
     with pytest.raises(HPSegError, match="num_images"):
@@ -748,7 +727,7 @@ def test_lambda_schedule() -> None:
 
 def test_consistency_loss_is_mean_pairwise_distance() -> None:
     gen = torch.Generator().manual_seed(0)
-    z, z_aug = _unit(10, 6, gen=gen), _unit(10, 6, gen=gen)
+    z, z_aug = unit(10, 6, gen=gen), unit(10, 6, gen=gen)
     torch.testing.assert_close(consistency_loss(z, z_aug), torch.nn.PairwiseDistance()(z, z_aug).mean())
     assert consistency_loss(z, z).item() == pytest.approx(6**0.5 * 1e-6, rel=1e-3)
     with pytest.raises(HPSegError):
@@ -757,7 +736,7 @@ def test_consistency_loss_is_mean_pairwise_distance() -> None:
 
 def test_pool_thresholds_and_sample_pool_entries() -> None:
     gen = torch.Generator().manual_seed(0)
-    x, pool = _unit(20, 5, gen=gen), _unit(7, 5, gen=gen)
+    x, pool = unit(20, 5, gen=gen), unit(7, 5, gen=gen)
     torch.testing.assert_close(pool_thresholds(x, pool), (x @ pool.t()).max(dim=1).values)
     maps = torch.randn(4, 5, 3, 3, generator=gen)
     entries = sample_pool_entries(maps, generator=torch.Generator().manual_seed(1))
@@ -787,7 +766,7 @@ def test_compiled_dense_chunk_is_one_graph_with_the_eager_values(monkeypatch: py
     import hpseg.hidden_positives.dense as dense
     import hpseg.hidden_positives.loss as loss_module
 
-    inputs = _problem(3, 4, 8, 8, 8, seed=21)
+    inputs = clustered_problem(3, 4, 8, 8, 8, seed=21)
     want = _dense_with(inputs, compile_chunks=False)
     monkeypatch.setattr(loss_module, "compiled_dense_chunk_terms", lambda: dense.compiled_dense_chunk_terms("aot_eager"))
     torch._dynamo.reset()
@@ -806,7 +785,7 @@ def test_compiled_dense_chunk_is_one_graph_with_the_eager_values(monkeypatch: py
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Inductor's fused kernels on a GPU")
 def test_compiled_dense_chunk_on_cuda_equals_eager() -> None:
-    inputs = {k: v.cuda() for k, v in _problem(3, 4, 8, 8, 8, seed=22).items()}
+    inputs = {k: v.cuda() for k, v in clustered_problem(3, 4, 8, 8, 8, seed=22).items()}
     want = _dense_with(inputs, compile_chunks=False)
     got = _dense_with(inputs, compile_chunks=True)
     for a, b in zip(got, want):

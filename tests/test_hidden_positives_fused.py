@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hpseg.config import build_config
 from hpseg.errors import HPSegError
@@ -23,6 +22,7 @@ from hpseg.hidden_positives.budget import chunk_images_for_budget, resolve_path
 from hpseg.hidden_positives.dense import dense_chunk_terms
 from hpseg.hidden_positives.negatives import negative_keep_mask
 from hpseg.hidden_positives.pools import pool_thresholds
+from loss_inputs import clustered_problem, unit
 
 CPU = torch.device("cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -46,26 +46,6 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does it)")
 
 
-def _unit(*shape: int, gen: torch.Generator) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=gen), dim=-1)
-
-
-def _problem(b: int, s: int, d: int, f: int, p: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random unit inputs around four shared directions, so that positives exist."""
-    gen = torch.Generator().manual_seed(seed)
-    n = b * s * s
-    centres_f, centres_s = _unit(4, f, gen=gen), _unit(4, d, gen=gen)
-    label = torch.randint(4, (n,), generator=gen)
-    return {
-        "z": _unit(n, d, gen=gen),
-        "z_lhp": _unit(n, d, gen=gen),
-        "feats": F.normalize(centres_f[label] + 0.6 * torch.randn(n, f, generator=gen), dim=1),
-        "code_ema": F.normalize(centres_s[label] + 0.6 * torch.randn(n, d, generator=gen), dim=1),
-        "pool_agnostic": _unit(p, f, gen=gen),
-        "pool_specific": _unit(p, d, gen=gen),
-    }
-
-
 def _exact_problem(b: int, s: int, d: int, seed: int) -> dict[str, torch.Tensor]:
     """Mask inputs whose products are multiples of 0.25 (exact in float16): identical masks in any dtype."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +57,7 @@ def _exact_problem(b: int, s: int, d: int, seed: int) -> dict[str, torch.Tensor]
             out[i, torch.randperm(8, generator=gen)[:4]] = 0.5 * (torch.randint(2, (4,), generator=gen) * 2 - 1.0)
         return out
 
-    return {"z": _unit(n, d, gen=gen), "z_lhp": _unit(n, d, gen=gen), "feats": sparse_unit(n),
+    return {"z": unit(n, d, gen=gen), "z_lhp": unit(n, d, gen=gen), "feats": sparse_unit(n),
             "code_ema": sparse_unit(n), "pool_agnostic": sparse_unit(5), "pool_specific": sparse_unit(5)}
 
 
@@ -88,7 +68,7 @@ def _isolated(inputs: dict[str, torch.Tensor], isolated: list[int], seed: int = 
     feats = torch.zeros(n, 2 * f)
     feats[:, :f] = inputs["feats"]
     lonely = torch.zeros(len(isolated), 2 * f)
-    lonely[:, f:] = _unit(len(isolated), f, gen=gen)
+    lonely[:, f:] = unit(len(isolated), f, gen=gen)
     feats[isolated] = lonely
     pool = torch.zeros(inputs["pool_agnostic"].shape[0], 2 * f)
     pool[:, :f] = inputs["pool_agnostic"]
@@ -141,7 +121,7 @@ def _same_stats(got: dict, want: dict) -> None:
 )
 def test_fused_equals_dense(interpret: None, b: int, s: int, d: int, f: int, rho: float, lam: float,
                             reweight: bool) -> None:
-    inputs = _problem(b, s, d, f, 8, seed=b * 10 + s)
+    inputs = clustered_problem(b, s, d, f, 8, seed=b * 10 + s)
     kwargs = dict(num_images=b, lam=lam, rho=rho, reweight=reweight, step=5)
     got, got_stats = _run(inputs, "fused", **kwargs)
     want, want_stats = _run(inputs, "dense", **kwargs)
@@ -165,7 +145,7 @@ def test_golden_loss_and_gradients(interpret: None, load_golden: Any) -> None:
 @needs_triton
 def test_explicit_keep_small_tiles_and_paper_widths(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "INTERPRETER_TILES", SMALL)  # 32 × 32 tiles, 16-wide slices, N = 75
-    inputs = _problem(3, 5, 24, 20, 6, seed=1)
+    inputs = clustered_problem(3, 5, 24, 20, 6, seed=1)
     keep = torch.rand(75, 75, generator=torch.Generator().manual_seed(4)) < 0.4
     keep.fill_diagonal_(True)  # the anchor itself must stay out of its denominator
     kwargs = dict(num_images=3, lam=0.25, negative_keep=keep)
@@ -175,7 +155,7 @@ def test_explicit_keep_small_tiles_and_paper_widths(interpret: None, monkeypatch
     _same_stats(got_stats, want_stats)
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    paper = _problem(2, 6, 512, 384, 16, seed=2)  # F 384, D = D' 512, N 72
+    paper = clustered_problem(2, 6, 512, 384, 16, seed=2)  # F 384, D = D' 512, N 72
     kwargs = dict(num_images=2, lam=0.5, rho=0.2, tau=0.8)
     got, got_stats = _run(paper, "fused", **kwargs)
     want, want_stats = _run(paper, "dense", **kwargs)
@@ -188,7 +168,7 @@ def test_dropped_anchors_and_an_image_without_kept_anchor(interpret: None) -> No
     b, s = 3, 4
     per_image = s * s
     empty_image = list(range(per_image, 2 * per_image))  # image 1: no patch has a positive
-    inputs = _isolated(_problem(b, s, 8, 8, 6, seed=7), isolated=[3, 40, *empty_image])
+    inputs = _isolated(clustered_problem(b, s, 8, 8, 6, seed=7), isolated=[3, 40, *empty_image])
     for rho, chunk in ((0.0, None), (0.3, 1)):
         kwargs = dict(num_images=b, lam=0.8, rho=rho, chunk_images=chunk, tau=0.6)
         got, got_stats = _run(inputs, "fused", **kwargs)
@@ -196,7 +176,7 @@ def test_dropped_anchors_and_an_image_without_kept_anchor(interpret: None) -> No
         assert got_stats["kept_anchor_fraction"] <= (b * per_image - per_image - 2) / (b * per_image)
         _assert_close(got, want, rtol=1e-6)
         _same_stats(got_stats, want_stats)
-    alone = _isolated(_problem(2, 3, 8, 8, 6), isolated=list(range(18)))  # no kept anchor at all
+    alone = _isolated(clustered_problem(2, 3, 8, 8, 6), isolated=list(range(18)))  # no kept anchor at all
     (loss, gz, gzl), _ = _run(alone, "fused", num_images=2, lam=1.0, rho=0.0)
     assert loss.item() == 0.0 and not gz.any() and not gzl.any()
 
@@ -207,7 +187,7 @@ def test_anchor_row_range_equals_dense_on_the_same_rows(interpret: None) -> None
     and the gradient over all candidate rows equal the dense chunk's."""
     b, s = 4, 5
     per_image, n = s * s, b * s * s
-    inputs = _problem(b, s, 16, 12, 8, seed=9)
+    inputs = clustered_problem(b, s, 16, 12, 8, seed=9)
     f, code = inputs["feats"], inputs["code_ema"]
     r = (pool_thresholds(f, inputs["pool_agnostic"]), pool_thresholds(code, inputs["pool_specific"]))
     rows = slice(per_image, 3 * per_image)
@@ -255,7 +235,7 @@ def test_float16_operands_give_the_same_masks_and_close_values(interpret: None) 
 def test_tiny_float16_gradient_coefficients_are_not_flushed(interpret: None) -> None:
     """With a gradient scale of 1e-6 every ``G`` entry lies far below fp16's smallest subnormal: the
     power-of-two scale must keep them (unscaled fp16 products would return zeros)."""
-    inputs = _problem(2, 5, 16, 12, 6, seed=4)
+    inputs = clustered_problem(2, 5, 16, 12, 6, seed=4)
     f, code = inputs["feats"], inputs["code_ema"]
     r = (pool_thresholds(f, inputs["pool_agnostic"]), pool_thresholds(code, inputs["pool_specific"]))
     emb = (inputs["z"], inputs["z_lhp"])
@@ -319,7 +299,7 @@ def test_pack_and_unpack_bits_and_keep_modes() -> None:
 @needs_triton
 def test_value_without_grad_and_a_single_branch_gradient(interpret: None) -> None:
     """No gradient wanted: pass 1 alone (no bits stored); one branch: pass 2 for that branch only."""
-    inputs = _problem(2, 6, 16, 12, 8, seed=8)
+    inputs = clustered_problem(2, 6, 16, 12, 8, seed=8)
     kwargs = dict(num_images=2, tau=0.7, lam=0.5, rho=0.3, path="fused", step=4, seed=3)
     (loss, gz, gzl), _ = _run(inputs, **dict(kwargs))
     rest = [inputs[k] for k in ("feats", "code_ema", "pool_agnostic", "pool_specific")]
@@ -333,7 +313,7 @@ def test_value_without_grad_and_a_single_branch_gradient(interpret: None) -> Non
 
 @needs_triton
 def test_two_runs_give_identical_bits(interpret: None) -> None:
-    inputs = _problem(3, 5, 16, 12, 8, seed=6)
+    inputs = clustered_problem(3, 5, 16, 12, 8, seed=6)
     kwargs = dict(num_images=3, lam=0.5, rho=0.2, step=11)
     first, _ = _run(inputs, "fused", **kwargs)
     second, _ = _run(inputs, "fused", **kwargs)
@@ -360,7 +340,7 @@ def test_cuda_fused_equals_dense_and_repeats_bitwise(monkeypatch: pytest.MonkeyP
             assert float((g - w).norm() / w.norm()) < grad_rtol
         again, _ = _run(inputs, "fused", matmul_dtype=dtype, **kwargs)
         assert all(torch.equal(a, b) for a, b in zip(got, again))
-    large = {k: v.cuda() for k, v in _problem(8, 28, 512, 384, 256, seed=5).items()}  # N 6,272, paper widths
+    large = {k: v.cuda() for k, v in clustered_problem(8, 28, 512, 384, 256, seed=5).items()}  # N 6,272, paper widths
     kwargs = dict(num_images=8, lam=0.5, rho=0.02, tau=0.8, step=3)
     got, got_stats = _run(large, "fused", **kwargs)
     want, want_stats = _run(large, "dense", **kwargs)
@@ -378,7 +358,7 @@ def test_cuda_fused_equals_dense_and_repeats_bitwise(monkeypatch: pytest.MonkeyP
 
 def test_fused_path_without_interpreter_or_cuda_raises_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    inputs = _problem(2, 3, 8, 8, 4)
+    inputs = clustered_problem(2, 3, 8, 8, 4)
     rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
     with pytest.raises(HPSegError) as exc:
         hidden_positive_loss(*rest, num_images=2, tau=0.7, lam=0.5, path="fused")
@@ -395,7 +375,7 @@ def test_fused_path_without_interpreter_or_cuda_raises_one_line(monkeypatch: pyt
 
 @needs_triton
 def test_bfloat16_is_refused_in_the_interpreter(interpret: None) -> None:
-    inputs = _problem(2, 3, 8, 8, 4)
+    inputs = clustered_problem(2, 3, 8, 8, 4)
     rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
     with pytest.raises(HPSegError, match="bfloat16.*interpreter"):
         hidden_positive_loss(*rest, num_images=2, tau=0.7, lam=0.5, path="fused", matmul_dtype=torch.bfloat16)
@@ -425,7 +405,7 @@ def test_auto_never_picks_fused_and_config_accepts_it() -> None:
 def test_interpreter_chosen_after_triton_was_imported_is_one_line(interpret: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "_library_interpreted", lambda: False)
-    inputs = _problem(2, 3, 8, 8, 4)
+    inputs = clustered_problem(2, 3, 8, 8, 4)
     rest = [inputs[k] for k in ("z", "z_lhp", "feats", "code_ema", "pool_agnostic", "pool_specific")]
     with pytest.raises(HPSegError, match="set after triton had been imported.*before starting Python"):
         hidden_positive_loss(*rest, num_images=2, tau=0.7, lam=0.5, path="fused")
